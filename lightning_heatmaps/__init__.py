@@ -1,0 +1,21 @@
+"""Lightning callbacks that show, live in TensorBoard, what every layer of a transformer is doing."""
+
+from lightning_heatmaps.activation import ActivationHeatmap
+from lightning_heatmaps.gradient import GradientHeatmap
+from lightning_heatmaps.layers import CANONICAL_COMPONENTS, LayerMap, resolve_layers
+from lightning_heatmaps.reductions import ACTIVATION_METRICS, GRADIENT_METRICS
+from lightning_heatmaps.render import heatmap_figure
+from lightning_heatmaps.ring_buffer import RingBuffer
+
+__all__ = [
+    "ACTIVATION_METRICS",
+    "ActivationHeatmap",
+    "CANONICAL_COMPONENTS",
+    "GRADIENT_METRICS",
+    "GradientHeatmap",
+    "LayerMap",
+    "RingBuffer",
+    "heatmap_figure",
+    "resolve_layers",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,147 @@
+"""``ActivationHeatmap``: what each layer's components output, layer x step and layer x component."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_heatmaps.base import HeatmapCallback
+from lightning_heatmaps.layers import Component, LayerMap, ModuleSelection
+from lightning_heatmaps.reductions import ACTIVATION_METRICS, activation_partials, pool_partials
+
+
+class ActivationHeatmap(HeatmapCallback):
+    """Heatmaps of a reduction of every component's output during sampled training steps.
+
+    A sample is taken for the optimizer step that starts when ``trainer.global_step % every_n_steps
+    == 0`` and logged at that step. Only training forwards count; with gradient accumulation the
+    micro-batches of the sampled step are pooled exactly; forwards re-run by activation
+    checkpointing (during backward) are not counted. Forward hooks are registered once at setup,
+    return at once on steps that are not sampled, and are removed at teardown.
+
+    Args:
+        metrics: one or more of ``rms`` (default, tag ``activation_rms``), ``l2``, ``mean_abs``,
+            ``max_abs``, ``zero_fraction`` (fraction of exact zeros).
+        every_n_steps: sample period in optimizer steps (default: the Trainer's ``log_every_n_steps``).
+        capacity: samples kept in the layer x step history.
+        history: ``"recent"`` (the last ``capacity`` samples) or ``"whole_run"`` (the whole run,
+            thinned evenly to fit ``capacity``).
+        render_every_n_samples: images are drawn every this many samples (and at the end of training)...
+        min_render_interval_seconds: ...but not more often than this (drawing costs tens of ms of CPU).
+        modules: ``None`` (automatic), ``{regex: component}`` or a callable
+            ``(name, module) -> (layer, component) | None``; see :func:`~lightning_heatmaps.resolve_layers`.
+        first_layer_index: number of the first layer in labels and tags (0 or 1).
+        cmap: matplotlib colour map. log_scale: logarithmic colour scale.
+        color_limits: fixed ``(vmin, vmax)`` so colours are comparable over time.
+        per_component_images: also draw one layer x step image per component.
+
+    Example:
+        >>> import lightning
+        >>> trainer = lightning.Trainer(callbacks=[ActivationHeatmap(every_n_steps=50)])
+    """
+
+    METRICS = ACTIVATION_METRICS
+    STATISTICS = ("sumsq", "sumabs", "maxabs", "nonzero")
+
+    def __init__(
+        self,
+        metrics: str | Sequence[str] = "rms",
+        every_n_steps: int | None = None,
+        capacity: int = 256,
+        history: str = "recent",
+        render_every_n_samples: int = 10,
+        min_render_interval_seconds: float = 30.0,
+        modules: ModuleSelection | None = None,
+        first_layer_index: int = 0,
+        cmap: str = "viridis",
+        log_scale: bool = False,
+        color_limits: tuple[float, float] | None = None,
+        per_component_images: bool = False,
+    ) -> None:
+        super().__init__(
+            metrics, every_n_steps, capacity, history, render_every_n_samples, min_render_interval_seconds,
+            modules, first_layer_index, cmap, log_scale, color_limits, per_component_images,
+        )
+        self._handles: list[Any] = []
+        self._collecting = False
+        self._calls: list[list[list[Tensor]]] = []
+        self._counts = np.zeros(0, dtype=np.int64)
+
+    @override
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layer_map: LayerMap) -> None:
+        by_module: dict[int, tuple[torch.nn.Module, list[tuple[int, Component]]]] = {}
+        for slot, component in enumerate(layer_map.components):
+            by_module.setdefault(id(component.module), (component.module, []))[1].append((slot, component))
+        self._handles = [
+            module.register_forward_hook(self._hook_for(entries), with_kwargs=True)
+            for module, entries in by_module.values()
+        ]
+        self._calls = [[] for _ in layer_map.components]
+        self._counts = np.zeros(len(layer_map.components), dtype=np.int64)
+
+    def _hook_for(self, entries: list[tuple[int, Component]]) -> Any:
+        statistics = self._statistics
+
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if not self._collecting:
+                return
+            for slot, component in entries:
+                activation = component.activation(args, kwargs, output)
+                if activation is None:
+                    continue
+                activation = activation.detach()
+                self._calls[slot].append(activation_partials(activation, statistics))
+                self._counts[slot] += activation.numel()
+
+        return hook
+
+    @override
+    def _detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._collecting = False
+
+    @override
+    def _begin_sample(self, trainer: pl.Trainer) -> None:
+        self._calls = [[] for _ in self._calls]
+        self._counts[:] = 0
+
+    @override
+    def _begin_micro_batch(self) -> None:
+        self._collecting = True
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        # Forwards re-run during backward (activation checkpointing) must not count twice.
+        self._collecting = False
+
+    @override
+    def _end_micro_batch(self) -> None:
+        self._collecting = False
+
+    @override
+    def _collect(self, trainer: pl.Trainer) -> tuple[Tensor, np.ndarray] | None:
+        self._collecting = False
+        calls = max((len(slot_calls) for slot_calls in self._calls), default=0)
+        if calls == 0:
+            return None
+        example = next(slot_calls[0] for slot_calls in self._calls if slot_calls)
+        rows = []
+        for index, statistic in enumerate(self._statistics):
+            zero = None
+            flat: list[Tensor] = []
+            for slot_calls in self._calls:
+                flat += [call[index] for call in slot_calls]
+                if len(slot_calls) < calls:  # a module that ran fewer times: pad with a neutral zero
+                    zero = torch.zeros((), dtype=example[index].dtype, device=example[index].device) if zero is None else zero
+                    flat += [zero] * (calls - len(slot_calls))
+            rows.append(pool_partials(torch.stack(flat).view(len(self._calls), calls), statistic))
+        self._calls = [[] for _ in self._calls]
+        return torch.stack(rows), self._counts.copy()

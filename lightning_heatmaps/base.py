@@ -1,0 +1,397 @@
+"""What every heatmap callback shares: the sampling schedule, the host pipeline and the outputs.
+
+Data flows one way. On a sampled step a subclass fills a device-side statistics tensor
+(``(statistics, slots)``); :meth:`HeatmapCallback._finish_sample` copies it to the host with one
+non-blocking copy; once the copy has landed (checked without blocking on later steps) the numbers
+become metric matrices (:func:`~lightning_heatmaps.reductions.metric_table`), enter the ring buffers,
+and go to the background writer, which logs scalars and renders images through the sinks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from lightning_heatmaps._worker import BackgroundWriter
+from lightning_heatmaps.layers import LayerMap, ModuleSelection, resolve_layers
+from lightning_heatmaps.reductions import ALL_COMPONENTS, MetricDefinition, metric_table
+from lightning_heatmaps.render import metric_images
+from lightning_heatmaps.ring_buffer import POLICIES, RingBuffer
+from lightning_heatmaps.sinks import Sink, save_arrays, sinks_for_trainer
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"Invalid value for {name}={value!r}: must be an integer >= {minimum}.")
+
+
+@dataclass
+class _PendingSample:
+    step: int
+    statistics: torch.Tensor  # (statistics, slots) on the host, possibly still being copied
+    counts: np.ndarray
+    copied: Any  # a CUDA event, or None when the copy is already complete
+
+
+class HeatmapCallback(Callback):
+    """Base class of the layer heatmap callbacks; see :class:`~lightning_heatmaps.ActivationHeatmap`."""
+
+    METRICS: ClassVar[dict[str, MetricDefinition]] = {}
+    STATISTICS: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        metrics: str | Sequence[str],
+        every_n_steps: int | None = None,
+        capacity: int = 256,
+        history: str = "recent",
+        render_every_n_samples: int = 10,
+        min_render_interval_seconds: float = 30.0,
+        modules: ModuleSelection | None = None,
+        first_layer_index: int = 0,
+        cmap: str = "viridis",
+        log_scale: bool = False,
+        color_limits: tuple[float, float] | None = None,
+        per_component_images: bool = False,
+    ) -> None:
+        names = [metrics] if isinstance(metrics, str) else list(metrics) if isinstance(metrics, Sequence) else None
+        if not names or any(name not in self.METRICS for name in names) or len(set(names)) != len(names):
+            raise ValueError(
+                f"Invalid value for metrics={metrics!r}: must be one or more distinct names from {sorted(self.METRICS)}."
+            )
+        _check_int("every_n_steps", every_n_steps, 1, allow_none=True)
+        _check_int("capacity", capacity, 2)
+        if history not in POLICIES:
+            raise ValueError(f"Invalid value for history={history!r}: must be one of {POLICIES}.")
+        _check_int("render_every_n_samples", render_every_n_samples, 1)
+        if not isinstance(min_render_interval_seconds, (int, float)) or not min_render_interval_seconds >= 0:
+            raise ValueError(
+                f"Invalid value for min_render_interval_seconds={min_render_interval_seconds!r}: must be a number >= 0."
+            )
+        if modules is not None and not callable(modules):
+            if not isinstance(modules, dict) or not modules:
+                raise TypeError(
+                    f"Invalid value for modules={modules!r}: must be None, a non-empty dict of "
+                    "{regex: component name}, or a callable (name, module) -> (layer, component) | None."
+                )
+            for pattern, component in modules.items():
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError) as error:
+                    raise ValueError(f"Invalid value for modules: pattern {pattern!r} is not a regex ({error}).") from None
+                if not isinstance(component, str) or not component:
+                    raise TypeError(f"Invalid value for modules[{pattern!r}]={component!r}: must be a component name.")
+        if first_layer_index not in (0, 1) or isinstance(first_layer_index, bool):
+            raise ValueError(f"Invalid value for first_layer_index={first_layer_index!r}: must be 0 or 1.")
+        import matplotlib
+
+        if cmap not in matplotlib.colormaps:
+            raise ValueError(f"Invalid value for cmap={cmap!r}: must be a matplotlib colour map name, e.g. 'viridis'.")
+        if color_limits is not None:
+            limits = tuple(color_limits)
+            if len(limits) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in limits) or not limits[0] < limits[1]:
+                raise ValueError(f"Invalid value for color_limits={color_limits!r}: must be (vmin, vmax) with vmin < vmax.")
+            if log_scale and limits[0] <= 0:
+                raise ValueError(f"Invalid value for color_limits={color_limits!r}: a log colour scale needs vmin > 0.")
+            color_limits = (float(limits[0]), float(limits[1]))
+
+        self.metrics = names
+        self.every_n_steps = every_n_steps
+        self.capacity = capacity
+        self.history = history
+        self.render_every_n_samples = render_every_n_samples
+        self.min_render_interval_seconds = float(min_render_interval_seconds)
+        self.modules = modules
+        self.first_layer_index = first_layer_index
+        self.style = {"cmap": cmap, "log_scale": bool(log_scale), "color_limits": color_limits}
+        self.per_component_images = per_component_images
+
+        self.layer_map: LayerMap | None = None
+        self._definitions = [self.METRICS[name] for name in names]
+        self._statistics = tuple(s for s in self.STATISTICS if any(s in d.statistics for d in self._definitions))
+        self._buffers: dict[str, RingBuffer] = {}
+        self._loaded_state: dict[str, Any] | None = None
+        self._writer: BackgroundWriter | None = None
+        self._sinks: list[Sink] = []
+        self._output_dir = ""
+        self._pending: list[_PendingSample] = []
+        self._sample_step: int | None = None
+        self._last_sampled_step: int | None = None
+        self._samples_since_render = 0
+        self._last_render_time = -math.inf
+        self._warned_nonfinite: set[str] = set()
+        self._active = False
+
+    # --- identity and state -----------------------------------------------------------------
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(metrics=self.metrics, every_n_steps=self.every_n_steps, modules=repr(self.modules))
+
+    @property
+    def metric_names(self) -> list[str]:
+        """Full metric names, as used in tags (``activation_rms``, ``grad_norm``, ...)."""
+        return [definition.name for definition in self._definitions]
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        self._drain(block=True)
+        return {
+            "buffers": {name: buffer.state_dict() for name, buffer in self._buffers.items()},
+            "last_sampled_step": self._last_sampled_step,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded_state = state_dict
+        if self._buffers:
+            self._apply_loaded_state()
+
+    def _apply_loaded_state(self) -> None:
+        state, self._loaded_state = self._loaded_state, None
+        if not state:
+            return
+        for name, saved in state.get("buffers", {}).items():
+            if name not in self._buffers:
+                continue
+            try:
+                self._buffers[name].load_state_dict(saved)
+            except ValueError as error:
+                rank_zero_warn(f"{type(self).__name__}: not restoring the {name} history: {error}")
+        self._last_sampled_step = state.get("last_sampled_step")
+
+    # --- setup and teardown ------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.every_n_steps is None:
+            self.every_n_steps = trainer.log_every_n_steps
+        layer_map = resolve_layers(pl_module, self.modules, self.first_layer_index)
+        self.layer_map = layer_map
+        self._slot_layer = np.array([c.layer for c in layer_map.components])
+        self._slot_component = np.array([layer_map.component_names.index(c.name) for c in layer_map.components])
+        self._missing = np.ones((layer_map.num_layers, len(layer_map.component_names)), dtype=bool)
+        self._missing[self._slot_layer, self._slot_component] = False
+        shape = (layer_map.num_layers, len(layer_map.component_names) + 1)
+        self._buffers = {d.name: RingBuffer(self.capacity, shape, self.history) for d in self._definitions}
+        if self._loaded_state is not None:
+            self._apply_loaded_state()
+        width = len(str(layer_map.num_layers - 1 + self.first_layer_index))
+        self._layer_tags = [f"layer_{i + self.first_layer_index:0{width}d}" for i in range(layer_map.num_layers)]
+
+        log_dir = trainer.log_dir or trainer.default_root_dir  # broadcast: every rank must ask
+        self._output_dir = os.path.join(log_dir, "heatmaps")
+        self._sinks = sinks_for_trainer(trainer, self._output_dir)
+        if trainer.is_global_zero:
+            if not trainer.loggers:
+                rank_zero_warn(
+                    f"{type(self).__name__}: the Trainer has no logger (logger=False), so heatmaps go to disk only: "
+                    f"PNG and .npz files under {self._output_dir}."
+                )
+            self._writer = BackgroundWriter(type(self).__name__)
+            layout = {
+                f"heatmaps/{name}": {
+                    component: [rf"^{re.escape(name)}/layer_\d+/{re.escape(component)}$"]
+                    for component in [*layer_map.component_names, ALL_COMPONENTS]
+                }
+                for name in self.metric_names
+            }
+            sinks = self._sinks
+            self._writer.submit(lambda: [sink.add_chart_layout(layout) for sink in sinks])
+        rank_zero_info(f"{type(self).__name__} ({', '.join(self.metric_names)}) monitors {layer_map.describe()}")
+        self._attach(trainer, pl_module, layer_map)
+        self._active = True
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not self._active:
+            return
+        self._active = False
+        self._detach()
+        self._sample_step = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Keep what was recorded (e.g. on KeyboardInterrupt): pending samples are written, then hooks go.
+        if self._active:
+            try:
+                self._drain(block=True)
+                self._submit_render(force=True)
+            finally:
+                self.teardown(trainer, pl_module, "fit")
+
+    # --- the sampling schedule ---------------------------------------------------------------
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self._sample_step is not None and step != self._sample_step:
+            self._finish_sample(trainer)
+        if self._sample_step is None and step % self.every_n_steps == 0 and step != self._last_sampled_step:
+            self._sample_step = step
+            self._begin_sample(trainer)
+        if self._sample_step is not None:
+            self._begin_micro_batch()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._sample_step is not None:
+            self._end_micro_batch()
+            if trainer.global_step != self._sample_step:  # the sampled optimizer step has happened
+                self._finish_sample(trainer)
+        if self._pending:
+            self._drain(block=False)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._sample_step is not None:
+            self._finish_sample(trainer)
+        self._drain(block=True)
+        self._submit_render(force=True)
+        if self._writer is not None:
+            self._writer.flush()
+
+    # --- subclass interface ------------------------------------------------------------------
+
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layer_map: LayerMap) -> None:
+        """Prepare collection (register hooks, allocate storage)."""
+
+    def _detach(self) -> None:
+        """Undo :meth:`_attach`."""
+
+    def _begin_sample(self, trainer: pl.Trainer) -> None:
+        """A sampled optimizer step starts (before its first micro-batch)."""
+
+    def _begin_micro_batch(self) -> None:
+        """A micro-batch of the sampled step starts."""
+
+    def _end_micro_batch(self) -> None:
+        """A micro-batch of the sampled step ended."""
+
+    def _collect(self, trainer: pl.Trainer) -> tuple[torch.Tensor, np.ndarray] | None:
+        """The sampled step's ``(statistics x slots)`` device tensor and per-slot element counts."""
+        raise NotImplementedError
+
+    # --- the host pipeline -------------------------------------------------------------------
+
+    def _finish_sample(self, trainer: pl.Trainer) -> None:
+        step, self._sample_step = self._sample_step, None
+        self._last_sampled_step = step
+        collected = self._collect(trainer)
+        if collected is None or not trainer.is_global_zero:
+            return
+        statistics, counts = collected
+        if statistics.device.type == "cpu":
+            self._pending.append(_PendingSample(step, statistics, counts, None))
+            return
+        host = torch.empty(statistics.shape, dtype=statistics.dtype, pin_memory=torch.cuda.is_available())
+        host.copy_(statistics, non_blocking=True)  # the one device-to-host copy of the sample
+        event = None
+        if statistics.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self._pending.append(_PendingSample(step, host, counts, event))
+
+    def _drain(self, block: bool) -> None:
+        while self._pending:
+            sample = self._pending[0]
+            if sample.copied is not None:
+                if not block and not sample.copied.query():
+                    return
+                sample.copied.synchronize()
+            self._pending.pop(0)
+            self._ingest(sample)
+
+    def _ingest(self, sample: _PendingSample) -> None:
+        layer_map = self.layer_map
+        assert layer_map is not None
+        values = sample.statistics.numpy()
+        statistics = {name: values[i] for i, name in enumerate(self._statistics)}
+        statistics["count"] = sample.counts
+        scalars: dict[str, float] = {}
+        components = [*layer_map.component_names, ALL_COMPONENTS]
+        ran = np.zeros(self._missing.shape, dtype=bool)
+        ran[self._slot_layer[sample.counts > 0], self._slot_component[sample.counts > 0]] = True
+        for definition in self._definitions:
+            table = metric_table(
+                definition, statistics, self._slot_layer, self._slot_component,
+                layer_map.num_layers, len(layer_map.component_names),
+            )
+            self._buffers[definition.name].append(sample.step, table)
+            self._check_finite(definition.name, sample.step, table, ran)
+            for layer, tag in enumerate(self._layer_tags):
+                for column, component in enumerate(components):
+                    if column == len(components) - 1 or not self._missing[layer, column]:
+                        scalars[f"{definition.name}/{tag}/{component}"] = float(table[layer, column])
+        if self._writer is not None:
+            sinks, step = self._sinks, sample.step
+            self._writer.submit(lambda: [sink.log_scalars(scalars, step) for sink in sinks])
+        self._samples_since_render += 1
+        self._submit_render(force=False)
+
+    def _check_finite(self, name: str, step: int, table: np.ndarray, ran: np.ndarray) -> None:
+        bad = ran & ~np.isfinite(table[:, :-1])
+        if name in self._warned_nonfinite or not bad.any():
+            return
+        self._warned_nonfinite.add(name)
+        assert self.layer_map is not None
+        where = ", ".join(
+            f"layer {self.layer_map.layer_labels[layer]} {self.layer_map.component_names[column]}"
+            for layer, column in zip(*np.nonzero(bad))
+        )
+        rank_zero_warn(
+            f"{type(self).__name__}: {name} is NaN or infinite at step {step} ({where[:300]}). "
+            "Recorded as is and marked on the heatmap; training goes on. This warning is shown once per metric."
+        )
+
+    def _submit_render(self, force: bool) -> None:
+        if self._writer is None or self.layer_map is None or not any(len(b) for b in self._buffers.values()):
+            return
+        now = time.monotonic()
+        due = self._samples_since_render >= self.render_every_n_samples or self._last_render_time == -math.inf
+        if not force and not (due and now - self._last_render_time >= self.min_render_interval_seconds):
+            return
+        self._samples_since_render = 0
+        self._last_render_time = now
+        snapshots = {name: buffer.ordered() for name, buffer in self._buffers.items() if len(buffer)}
+        labels, names, missing = list(self.layer_map.layer_labels), list(self.layer_map.component_names), self._missing.copy()
+        sinks, directory, style, per_component = self._sinks, self._output_dir, dict(self.style), self.per_component_images
+
+        def render() -> None:
+            for metric, (steps, history) in snapshots.items():
+                images = metric_images(
+                    metric, steps, history, layer_labels=labels, component_names=names, missing=missing,
+                    per_component=per_component, **style,
+                )
+                for image_name, rgb, arrays in images:
+                    tag = f"heatmaps/{metric}/{image_name}"
+                    for sink in sinks:
+                        if sink.takes_images:
+                            sink.log_image(tag, rgb, int(steps[-1]))
+                    save_arrays(os.path.join(directory, metric, f"{image_name}.npz"), **arrays)
+            for sink in sinks:
+                sink.flush()
+
+        self._writer.submit(render, key="render")
