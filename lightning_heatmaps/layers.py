@@ -44,6 +44,9 @@ class FusedPart:
 
     def take(self, tensor: Tensor, dim: int) -> Tensor:
         dim = dim % tensor.dim()
+        if self.groups == 1:
+            size = tensor.shape[dim] // self.parts
+            return tensor.narrow(dim, self.index * size, size)
         return tensor.unflatten(dim, (self.groups, self.parts, -1)).select(dim + 1, self.index)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 POLICIES = ("recent", "whole_run")
 
@@ -105,13 +106,14 @@ class RingBuffer:
         return int(self._steps[index]), self._values[index].copy()
 
     def state_dict(self) -> dict[str, Any]:
+        """Plain types and tensors only, so checkpoints load with ``torch.load(weights_only=True)``."""
         steps, values = self.ordered()
         return {
             "capacity": self.capacity,
-            "shape": self.shape,
+            "shape": list(self.shape),
             "policy": self.policy,
-            "steps": steps,
-            "values": values,
+            "steps": torch.from_numpy(steps),
+            "values": torch.from_numpy(values),
             "stride": self._stride,
             "offered": self._offered,
         }
@@ -120,7 +122,7 @@ class RingBuffer:
         """Restore a saved history; samples beyond this buffer's capacity keep the newest (``recent``)."""
         if tuple(state["shape"]) != self.shape:
             raise ValueError(f"Saved sample shape {tuple(state['shape'])} does not match this buffer's {self.shape}.")
-        steps, values = np.asarray(state["steps"]), np.asarray(state["values"])
+        steps, values = np.asarray(state["steps"]), np.asarray(state["values"], dtype=np.float64)
         self._start, self._size, self._stride, self._offered = 0, 0, 1, 0
         if self.policy == "whole_run" and state.get("policy") == "whole_run" and len(steps) <= self.capacity:
             self._size = len(steps)
