@@ -32,8 +32,10 @@ class GradientHeatmap(HeatmapCallback):
             ``weight_drift`` (``|W - W0| / |W0|`` against the weights when this ``fit`` started; keeps
             a copy of the monitored weights for the whole run).
         every_n_steps, capacity, history, render_every_n_samples, min_render_interval_seconds, modules,
-        first_layer_index, cmap, log_scale, color_limits, per_component_images: as in
+        first_layer_index, cmap, color_limits, per_component_images: as in
             :class:`~lightning_heatmaps.ActivationHeatmap`.
+        log_scale: logarithmic colour scale, on by default: gradient sizes span orders of magnitude
+            over a run, and a linear scale lets the first steps wash out the rest.
 
     Example:
         >>> import lightning
@@ -54,7 +56,7 @@ class GradientHeatmap(HeatmapCallback):
         modules: ModuleSelection | None = None,
         first_layer_index: int = 0,
         cmap: str = "viridis",
-        log_scale: bool = False,
+        log_scale: bool = True,
         color_limits: tuple[float, float] | None = None,
         per_component_images: bool = False,
     ) -> None:
