@@ -369,8 +369,10 @@ class HeatmapCallback(Callback):
     def _submit_render(self, force: bool) -> None:
         if self._writer is None or self.layer_map is None or not any(len(b) for b in self._buffers.values()):
             return
+        # Not at the first sample: drawing costs tens of ms of CPU that a 2-core machine takes from
+        # training, so images come every render_every_n_samples samples (rate-limited) and at the end.
         now = time.monotonic()
-        due = self._samples_since_render >= self.render_every_n_samples or self._last_render_time == -math.inf
+        due = self._samples_since_render >= self.render_every_n_samples
         if not force and not (due and now - self._last_render_time >= self.min_render_interval_seconds):
             return
         self._samples_since_render = 0

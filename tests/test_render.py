@@ -52,3 +52,12 @@ def test_metric_images_carry_their_arrays():
     np.testing.assert_array_equal(by_name["layer_x_component"]["values"], history[-1, :, :2])
     assert by_name["layer_x_component"]["step"] == 40
     assert all(rgb.ndim == 3 and rgb.shape[2] == 3 for _, rgb, _ in images)
+
+
+def test_log_scale_with_zero_and_infinite_cells():
+    values = np.array([[0.0, 1e-3], [np.inf, 10.0]])
+    figure = heatmap_figure(values, row_labels=["0", "1"], column_labels=["a", "b"], log_scale=True)
+    rgb = figure_to_rgb(figure)
+    image = figure.axes[0].images[0]
+    assert image.norm.vmin == pytest.approx(1e-3) and image.norm.vmax == pytest.approx(10.0)
+    assert magenta_pixels(rgb) > 200  # the +Inf cell is marked; the zero cell cannot be drawn on a log scale
