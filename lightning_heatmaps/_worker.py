@@ -35,6 +35,8 @@ class BackgroundWriter:
         self._closed = False
         self._thread: threading.Thread | None = None
         self.errors = 0
+        self.jobs_run = 0
+        self.cpu_seconds = 0.0  # CPU time of this thread spent in jobs (the cost of working off-thread)
 
     def submit(self, job: Callable[[], None], key: Hashable | None = None) -> None:
         with self._condition:
@@ -60,6 +62,7 @@ class BackgroundWriter:
                     return
                 _, job = self._jobs.popleft()
                 self._busy = True
+            started = time.thread_time()
             try:
                 job()
             except Exception as error:  # never let a sink or renderer error kill training
@@ -70,6 +73,8 @@ class BackgroundWriter:
                         f"Later failures are counted, not reported.\n{traceback.format_exc(limit=4)}"
                     )
             finally:
+                self.cpu_seconds += time.thread_time() - started
+                self.jobs_run += 1
                 with self._condition:
                     self._busy = False
                     self._condition.notify_all()

@@ -19,6 +19,10 @@ from lightning_heatmaps.reductions import ACTIVATION_METRICS, activation_partial
 class ActivationHeatmap(HeatmapCallback):
     """Heatmaps of a reduction of every component's output during sampled training steps.
 
+    With DDP, every rank computes its statistics and they are pooled over ranks on sampled steps
+    (sums of squares, sums and element counts added, maxima taken), so the values are those of the
+    global batch; only rank zero writes.
+
     A sample is taken for the optimizer step that starts when ``trainer.global_step % every_n_steps
     == 0`` and logged at that step. Only training forwards count; with gradient accumulation the
     micro-batches of the sampled step are pooled exactly; forwards re-run by activation
@@ -127,7 +131,7 @@ class ActivationHeatmap(HeatmapCallback):
         self._collecting = False
 
     @override
-    def _collect(self, trainer: pl.Trainer) -> tuple[Tensor, np.ndarray] | None:
+    def _collect(self, trainer: pl.Trainer) -> tuple[Tensor, np.ndarray | None] | None:
         self._collecting = False
         calls = max((len(slot_calls) for slot_calls in self._calls), default=0)
         if calls == 0:
@@ -144,4 +148,23 @@ class ActivationHeatmap(HeatmapCallback):
                     flat += [zero] * (calls - len(slot_calls))
             rows.append(pool_partials(torch.stack(flat).view(len(self._calls), calls), statistic))
         self._calls = [[] for _ in self._calls]
-        return torch.stack(rows), self._counts.copy()
+        statistics, counts = torch.stack(rows), self._counts.copy()
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            statistics, counts = self._pool_over_ranks(statistics, counts)
+        return statistics, counts
+
+    def _pool_over_ranks(self, statistics: Tensor, counts: np.ndarray) -> tuple[Tensor, None]:
+        """Sum (max for ``maxabs``) the statistics and element counts of all ranks: every rank joins.
+
+        The result is the value over the global batch, as a single process would compute it. The
+        pooled counts stay on the device as the last row (read with the sample's one host copy).
+        """
+        counts_row = torch.as_tensor(counts, dtype=statistics.dtype).to(statistics.device)
+        summed = torch.cat([statistics, counts_row[None]])
+        maxed = [i for i, name in enumerate(self._statistics) if name == "maxabs"]
+        torch.distributed.all_reduce(summed, op=torch.distributed.ReduceOp.SUM)
+        if maxed:
+            maxima = statistics[maxed].clone()
+            torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX)
+            summed[maxed] = maxima
+        return summed, None

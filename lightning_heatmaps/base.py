@@ -43,7 +43,7 @@ def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) ->
 class _PendingSample:
     step: int
     statistics: torch.Tensor  # (statistics, slots) on the host, possibly still being copied
-    counts: np.ndarray
+    counts: np.ndarray | None  # None: the counts are the last row of ``statistics``
     copied: Any  # a CUDA event, or None when the copy is already complete
 
 
@@ -290,8 +290,9 @@ class HeatmapCallback(Callback):
     def _end_micro_batch(self) -> None:
         """A micro-batch of the sampled step ended."""
 
-    def _collect(self, trainer: pl.Trainer) -> tuple[torch.Tensor, np.ndarray] | None:
-        """The sampled step's ``(statistics x slots)`` device tensor and per-slot element counts."""
+    def _collect(self, trainer: pl.Trainer) -> tuple[torch.Tensor, np.ndarray | None] | None:
+        """The sampled step's ``(statistics x slots)`` device tensor and per-slot element counts
+        (``None`` when the counts were appended to the tensor as its last row)."""
         raise NotImplementedError
 
     # --- the host pipeline -------------------------------------------------------------------
@@ -328,12 +329,13 @@ class HeatmapCallback(Callback):
         layer_map = self.layer_map
         assert layer_map is not None
         values = sample.statistics.numpy()
+        counts = sample.counts if sample.counts is not None else values[-1].round().astype(np.int64)
         statistics = {name: values[i] for i, name in enumerate(self._statistics)}
-        statistics["count"] = sample.counts
+        statistics["count"] = counts
         scalars: dict[str, float] = {}
         components = [*layer_map.component_names, ALL_COMPONENTS]
         ran = np.zeros(self._missing.shape, dtype=bool)
-        ran[self._slot_layer[sample.counts > 0], self._slot_component[sample.counts > 0]] = True
+        ran[self._slot_layer[counts > 0], self._slot_component[counts > 0]] = True
         for definition in self._definitions:
             table = metric_table(
                 definition, statistics, self._slot_layer, self._slot_component,

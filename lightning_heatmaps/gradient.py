@@ -103,7 +103,7 @@ class GradientHeatmap(HeatmapCallback):
     def _slot_sums(self, per_ref: Tensor) -> Tensor:
         assert self._ref_slot is not None
         sums = torch.zeros(len(self._counts), dtype=per_ref.dtype, device=per_ref.device)
-        return sums.index_add_(0, self._ref_slot.to(per_ref.device), per_ref)
+        return sums.index_add_(0, self._ref_slot, per_ref)
 
     @override
     def _begin_sample(self, trainer: pl.Trainer) -> None:
@@ -112,8 +112,8 @@ class GradientHeatmap(HeatmapCallback):
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self._sample_step is None or self._read or not self._active:
-            return
+        if self._sample_step is None or self._read or not self._active or not trainer.is_global_zero:
+            return  # gradients are identical on every rank after DDP's all-reduce: rank zero reads them
         self._read = True
         weights = [param.detach() for param in self._params]
         grads = [param.grad if param.grad is not None else torch.zeros_like(param) for param in self._params]

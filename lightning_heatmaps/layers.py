@@ -300,12 +300,17 @@ def find_layer_stack(model: nn.Module) -> tuple[str, list[tuple[str, nn.Module]]
     return None if best is None else (best[1], best[2])
 
 
+def _without_compile_wrapper(name: str) -> str:
+    """Drop ``torch.compile``'s ``_orig_mod`` segments: a compiled block keeps its components' names."""
+    return re.sub(r"(^|\.)_orig_mod(?=\.|$)", "", name).lstrip(".")
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 def _rule_matches(rule: Rule, block: nn.Module) -> int:
-    names = dict(block.named_modules())
+    names = {_without_compile_wrapper(n): m for n, m in block.named_modules()}
     return sum(1 for key in rule if key in names and _has_own_params(names[key]))
 
 
@@ -315,7 +320,7 @@ def _components_of_block(
     """Components of one block by ``rule`` (or every parameterised module when ``rule`` is None)."""
     components: list[Component] = []
     covered: set[str] = set()
-    modules = dict(block.named_modules())
+    modules = {_without_compile_wrapper(n): m for n, m in block.named_modules()}
     entries: list[tuple[str, Any]]
     if rule is not None:
         entries = [(key, value) for key, value in rule.items() if key in modules]

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from tensorboard.compat.proto.summary_pb2 import Summary
 
 from lightning_heatmaps.render import rgb_to_png
 
@@ -64,8 +65,10 @@ class TensorBoardSink(Sink):
         self.writer = writer
 
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, global_step=step)
+        # One event holding every value of the sample: ~20x less Python work than one add_scalar each,
+        # which matters because this thread shares the GIL with the training loop.
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value)) for tag, value in values.items()])
+        self.writer.file_writer.add_summary(summary, step)
 
     def log_image(self, tag: str, rgb: np.ndarray, step: int) -> None:
         self.writer.add_image(tag, rgb, global_step=step, dataformats="HWC")
