@@ -207,7 +207,12 @@ def run(make_callbacks, args, steps: int, audit: bool = False) -> dict[str, Any]
     else:
         trainer.fit(model, loader)
     timed = [(s, t) for s, t in timer.wall if s >= args.warmup]
-    return {"timed": timed, "cpu": timer.cpu[args.warmup:], "rss": timer.peak_rss,
+    heatmaps = [c for c in callbacks if hasattr(c, "background_cpu_seconds")]
+    samples = sum(c.samples_recorded for c in heatmaps)
+    return {"timed": timed, "cpu": timer.cpu[args.warmup:], "rss": timer.peak_rss, "first": timer.wall[0][1],
+            "cpu_by_step": dict(zip([s for s, _ in timer.wall], timer.cpu)),
+            "background_ms_per_sample": 1e3 * sum(c.background_cpu_seconds for c in heatmaps) / max(samples, 1) * len(heatmaps)
+            if heatmaps else 0.0,
             "counts": counter.counts if counter is not None else None}
 
 
@@ -218,13 +223,44 @@ def paired_marginal(timed: list[tuple[int, float]]) -> float:
     return statistics.median(diffs)
 
 
+class BlockToggle(Callback):
+    """After warm-up, alternates blocks of ``block`` unsampled steps and ``block`` steps sampled at every step."""
+
+    def __init__(self, monitors: list, warmup: int, block: int) -> None:
+        self.monitors, self.warmup, self.block = monitors, warmup, block
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = trainer.global_step - self.warmup
+        sampling = step >= 0 and (step // self.block) % 2 == 1
+        for monitor in self.monitors:
+            monitor.every_n_steps = 1 if sampling else 10**9
+
+
+def blocks(args, block: int = 20, pairs: int = 4) -> None:
+    """Every-step sampling against no sampling in one run, block by block (renders at the default rate)."""
+    monitors = ours(10**9)
+    result = run(lambda: [*monitors, BlockToggle(monitors, args.warmup, block)], args, 2 * block * pairs)
+    medians: dict[int, float] = {}
+    for index in range(2 * pairs):
+        times = [t for s, t in result["timed"] if (s - args.warmup) // block == index and (s - args.warmup) % block >= 2]
+        medians[index] = statistics.median(times)
+    print("| pair | unsampled block median (ms) | sampled-every-step block median (ms) | ratio |")
+    print("|---|---|---|---|")
+    for pair in range(pairs):
+        off, on = medians[2 * pair], medians[2 * pair + 1]
+        print(f"| {pair + 1} | {1e3 * off:.1f} | {1e3 * on:.1f} | {on / off:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small model and few steps (CI smoke test only)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sections", default="rounds,ab,blocks,audit,images",
+                        help="comma-separated parts to run (default: all)")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     args.hidden, args.intermediate, args.layers, args.heads, args.vocab = 256, 688, 8, 8, 2048
     args.batch, args.length, args.warmup = 8, 128, 5
     if args.quick:
@@ -256,6 +292,20 @@ def main() -> None:
           f"vocab {args.vocab}), batch {args.batch}x{args.length}, AdamW, {args.steps} timed steps x {args.rounds} rounds")
 
     # 1. Rounds, interleaved.
+    if "rounds" in sections:
+        rounds(variants, args)
+    if "ab" in sections:
+        paired(ab_variants, args)
+    if "blocks" in sections:
+        print("\n## In-process blocks (after warm-up: 20 steps unsampled, then 20 sampled at every step, ...)\n")
+        blocks(args, block=4 if args.quick else 20, pairs=2 if args.quick else 4)
+    if "audit" in sections:
+        audit(variants, ab_variants, args)
+    if "images" in sections:
+        images(args)
+
+
+def rounds(variants, args) -> None:
     results: dict[str, list[dict]] = {name: [] for name in variants}
     for round_index in range(args.rounds):
         for name, make in variants.items():
@@ -263,26 +313,36 @@ def main() -> None:
             print(f"  round {round_index + 1}: {name}: median {1e3 * statistics.median(t for _, t in results[name][-1]['timed']):.1f} ms",
                   file=sys.stderr)
     base = statistics.median(t for r in results["baseline"] for _, t in r["timed"])
+    first_base = statistics.median(r["first"] for r in results["baseline"])
     print("\n## Rounds (median step time over all rounds)\n")
-    print("| variant | median step (ms) | ratio vs baseline | CPU s / step | peak RSS (MB) |")
-    print("|---|---|---|---|---|")
+    print("| variant | median step (ms) | ratio vs baseline | CPU s / step | peak RSS (MB) | first step (ms), baseline's minus |")
+    print("|---|---|---|---|---|---|")
     for name, runs in results.items():
         median = statistics.median(t for r in runs for _, t in r["timed"])
         cpu = statistics.median(c for r in runs for c in r["cpu"])
-        print(f"| {name} | {1e3 * median:.1f} | {median / base:.3f} | {cpu:.3f} | {max(r['rss'] for r in runs):.0f} |")
+        first = statistics.median(r["first"] for r in runs)
+        print(f"| {name} | {1e3 * median:.1f} | {median / base:.3f} | {cpu:.3f} | {max(r['rss'] for r in runs):.0f} | "
+              f"{1e3 * (first - first_base):+.0f} |")
 
-    # 2. In-process A/B.
+
+
+def paired(ab_variants, args) -> None:
     print("\n## In-process A/B (sampled every other step; marginal cost of one sampled step)\n")
-    print("| monitor | unsampled step (ms) | marginal cost (ms) | ratio at every step | amortised at every_n_steps=50 |")
-    print("|---|---|---|---|---|")
+    print("| monitor | unsampled step (ms) | marginal wall (ms) | marginal CPU, all threads (ms) | background thread CPU per sample (ms) | ratio at every step | amortised at every_n_steps=50 |")
+    print("|---|---|---|---|---|---|---|")
     for name, make in ab_variants.items():
-        timed = [pair for _ in range(args.rounds) for pair in run(make, args, args.steps)["timed"]]
+        runs = [run(make, args, args.steps) for _ in range(args.rounds)]
+        timed = [pair for r in runs for pair in r["timed"]]
+        cpu_timed = [(s, c) for r in runs for s, c in r["cpu_by_step"].items() if s >= args.warmup]
         unsampled = statistics.median(t for s, t in timed if s % 2)
         marginal = paired_marginal(timed)
-        print(f"| {name} | {1e3 * unsampled:.1f} | {1e3 * marginal:.2f} | {1 + marginal / unsampled:.3f} | "
-              f"{1 + marginal / unsampled / 50:.4f} |")
+        background = statistics.median(r["background_ms_per_sample"] for r in runs)
+        print(f"| {name} | {1e3 * unsampled:.1f} | {1e3 * marginal:.2f} | {1e3 * paired_marginal(cpu_timed):.2f} | "
+              f"{background:.2f} | {1 + marginal / unsampled:.3f} | {1 + marginal / unsampled / 50:.4f} |")
 
-    # 3. Audit.
+
+
+def audit(variants, ab_variants, args) -> None:
     print("\n## Audit (per step, minus the baseline's own reads)\n")
     print("| variant | blocking reads, sampled step | conversions, sampled step | blocking reads, unsampled step | conversions, unsampled step |")
     print("|---|---|---|---|---|")
@@ -296,7 +356,9 @@ def main() -> None:
             return statistics.median(values)
         print(f"| {name} | {per('blocking', 0):g} | {per('conversion', 0):g} | {per('blocking', 1):g} | {per('conversion', 1):g} |")
 
-    # 4. Images: training-thread time per image (snapshot + submit) and the drawing itself.
+
+
+def images(args) -> None:
     callback = ActivationHeatmap(every_n_steps=1, min_render_interval_seconds=0)
     run(lambda: [callback], args, 4)
     submit = []

@@ -135,6 +135,9 @@ class HeatmapCallback(Callback):
         self._last_render_time = -math.inf
         self._warned_nonfinite: set[str] = set()
         self._active = False
+        #: Samples recorded, and CPU seconds the background writer spent on them (scalars, images, files).
+        self.samples_recorded = 0
+        self.background_cpu_seconds = 0.0
 
     # --- identity and state -----------------------------------------------------------------
 
@@ -228,6 +231,7 @@ class HeatmapCallback(Callback):
         self._sample_step = None
         if self._writer is not None:
             self._writer.close()
+            self.background_cpu_seconds += self._writer.cpu_seconds
             self._writer = None
 
     @override
@@ -307,10 +311,13 @@ class HeatmapCallback(Callback):
         if statistics.device.type == "cpu":
             self._pending.append(_PendingSample(step, statistics, counts, None))
             return
-        host = torch.empty(statistics.shape, dtype=statistics.dtype, pin_memory=torch.cuda.is_available())
-        host.copy_(statistics, non_blocking=True)  # the one device-to-host copy of the sample
+        cuda = statistics.device.type == "cuda"
+        host = torch.empty(statistics.shape, dtype=statistics.dtype, pin_memory=cuda)
+        # The one device-to-host copy of the sample. On CUDA it is asynchronous and an event tells when
+        # it has landed; elsewhere nothing could tell, so the copy completes here.
+        host.copy_(statistics, non_blocking=cuda)
         event = None
-        if statistics.device.type == "cuda":
+        if cuda:
             event = torch.cuda.Event()
             event.record()
         self._pending.append(_PendingSample(step, host, counts, event))
@@ -350,6 +357,7 @@ class HeatmapCallback(Callback):
         if self._writer is not None:
             sinks, step = self._sinks, sample.step
             self._writer.submit(lambda: [sink.log_scalars(scalars, step) for sink in sinks])
+        self.samples_recorded += 1
         self._samples_since_render += 1
         self._submit_render(force=False)
 
