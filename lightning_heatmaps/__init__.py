@@ -3,6 +3,7 @@
 from lightning_heatmaps.activation import ActivationHeatmap
 from lightning_heatmaps.gradient import GradientHeatmap
 from lightning_heatmaps.layers import CANONICAL_COMPONENTS, LayerMap, resolve_layers
+from lightning_heatmaps.logit_lens import LogitLensHeatmap
 from lightning_heatmaps.reductions import ACTIVATION_METRICS, GRADIENT_METRICS
 from lightning_heatmaps.render import heatmap_figure
 from lightning_heatmaps.ring_buffer import RingBuffer
@@ -14,6 +15,7 @@ __all__ = [
     "GRADIENT_METRICS",
     "GradientHeatmap",
     "LayerMap",
+    "LogitLensHeatmap",
     "RingBuffer",
     "heatmap_figure",
     "resolve_layers",

@@ -29,7 +29,7 @@ from lightning_heatmaps.layers import LayerMap, ModuleSelection, resolve_layers
 from lightning_heatmaps.reductions import ALL_COMPONENTS, MetricDefinition, metric_table
 from lightning_heatmaps.render import metric_images
 from lightning_heatmaps.ring_buffer import POLICIES, RingBuffer
-from lightning_heatmaps.sinks import Sink, save_arrays, sinks_for_trainer
+from lightning_heatmaps.sinks import Sink, open_run_outputs, save_arrays
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
@@ -199,16 +199,8 @@ class HeatmapCallback(Callback):
         width = len(str(layer_map.num_layers - 1 + self.first_layer_index))
         self._layer_tags = [f"layer_{i + self.first_layer_index:0{width}d}" for i in range(layer_map.num_layers)]
 
-        log_dir = trainer.log_dir or trainer.default_root_dir  # broadcast: every rank must ask
-        self._output_dir = os.path.join(log_dir, "heatmaps")
-        self._sinks = sinks_for_trainer(trainer, self._output_dir)
-        if trainer.is_global_zero:
-            if not trainer.loggers:
-                rank_zero_warn(
-                    f"{type(self).__name__}: the Trainer has no logger (logger=False), so heatmaps go to disk only: "
-                    f"PNG and .npz files under {self._output_dir}."
-                )
-            self._writer = BackgroundWriter(type(self).__name__)
+        self._output_dir, self._sinks, self._writer = open_run_outputs(trainer, type(self).__name__)
+        if self._writer is not None:
             layout = {
                 f"heatmaps/{name}": {
                     component: [rf"^{re.escape(name)}/layer_\d+/{re.escape(component)}$"]

@@ -493,3 +493,51 @@ def iter_unique_params(layer_map: LayerMap) -> Iterator[nn.Parameter]:
             if id(ref.param) not in seen:
                 seen.add(id(ref.param))
                 yield ref.param
+
+
+# --- Decoders for lens heatmaps -----------------------------------------------------------------
+
+#: Where known causal-LM families keep their final norm (the unembedding is ``get_output_embeddings()``).
+FINAL_NORMS = (
+    "model.norm",  # Llama, Mistral, Qwen2/3, Gemma, Phi-3
+    "transformer.ln_f",  # GPT-2, GPT-J
+    "gpt_neox.final_layer_norm",  # GPT-NeoX, Pythia
+    "model.decoder.final_layer_norm",  # OPT
+    "model.final_layernorm",  # Phi
+)
+
+
+def find_language_model(module: nn.Module) -> nn.Module:
+    """The Hugging Face causal LM inside ``module`` (itself, or its first submodule with an unembedding).
+
+    Raises:
+        ValueError: there is none.
+    """
+    for name, candidate in module.named_modules():
+        embeddings = getattr(candidate, "get_output_embeddings", None)
+        if callable(embeddings) and hasattr(candidate, "config"):
+            try:
+                if embeddings() is not None:
+                    return candidate
+            except (NotImplementedError, AttributeError):
+                continue
+    raise ValueError(
+        f"Found no Hugging Face language model (a module with `config` and `get_output_embeddings()`) in "
+        f"{type(module).__name__}: pass `hidden_states=` and `decoder=` callables instead."
+    )
+
+
+def find_decoder(language_model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(final_norm, unembedding)`` of a Hugging Face causal LM.
+
+    Raises:
+        ValueError: the final norm is not at any known place; the message lists where it looked.
+    """
+    modules = dict(language_model.named_modules())
+    for name in FINAL_NORMS:
+        if name in modules:
+            return modules[name], language_model.get_output_embeddings()
+    raise ValueError(
+        f"Cannot find the final norm of {type(language_model).__name__} (looked for {', '.join(FINAL_NORMS)}): "
+        "pass `decoder=` (a callable from a hidden state to logits)."
+    )

@@ -54,40 +54,43 @@ def divergence(log_p: Tensor, log_q: Tensor, kind: str) -> Tensor:
 
 
 def logit_lens(
-    hidden_states: Sequence[Tensor],
-    final_norm: Callable[[Tensor], Tensor],
-    unembed: Callable[[Tensor], Tensor],
+    layer_states: Sequence[Tensor],
+    decode: Callable[[Tensor], Tensor],
+    final_logits: Tensor | None = None,
     kind: str = "jsd",
     chunk_tokens: int = 256,
 ) -> Tensor:
-    """Divergence of every layer's decoded distribution from the final layer's, ``(tokens, layers)``.
+    """Divergence of every layer's decoded next-token distribution from the final one: ``(tokens, layers)``.
 
     Args:
-        hidden_states: Hugging Face ``output_hidden_states`` of one sequence: ``L + 1`` tensors of
-            ``(tokens, width)``; index 0 is the embeddings (not a layer), the last is already final-normed.
-        final_norm: the model's final norm, applied to every intermediate layer (not to the last).
-        unembed: hidden state -> logits.
-        kind: ``jsd`` (bits), ``kl`` (bits) or ``top1`` (agreement with the final layer's argmax).
+        layer_states: one ``(tokens, width)`` tensor per layer output (not the embeddings).
+        decode: hidden state -> logits (the final norm, then the unembedding).
+        final_logits: the model's own output logits ``(tokens, vocabulary)``: the reference distribution,
+            and the last layer's (whose Hugging Face hidden state is already final-normed, so decoding it
+            again would normalise twice). ``None``: the reference is ``decode(layer_states[-1])``.
+        kind: ``jsd`` (bits), ``kl`` (bits) or ``top1`` (1 where the argmax agrees with the final one).
         chunk_tokens: tokens decoded at a time, so ``tokens x vocabulary`` never has to fit at once.
 
     Example:
-        >>> states = [torch.randn(3, 4) for _ in range(3)]
-        >>> logit_lens(states, lambda h: h, torch.nn.Linear(4, 7)).shape
+        >>> states = [torch.randn(3, 4) for _ in range(2)]
+        >>> logit_lens(states, torch.nn.Linear(4, 7)).shape
         torch.Size([3, 2])
     """
-    if len(hidden_states) < 2:
-        raise ValueError(f"Need the embeddings and at least one layer in hidden_states, got {len(hidden_states)} tensors.")
-    layers = len(hidden_states) - 1
-    tokens = hidden_states[-1].shape[0]
-    result = torch.empty(tokens, layers, dtype=torch.float32, device=hidden_states[-1].device)
+    if not layer_states:
+        raise ValueError("Need at least one layer's hidden states.")
+    layers = len(layer_states)
+    tokens = layer_states[-1].shape[0]
+    result = torch.empty(tokens, layers, dtype=torch.float32, device=layer_states[-1].device)
     for start in range(0, tokens, chunk_tokens):
         rows = slice(start, min(start + chunk_tokens, tokens))
-        final = torch.log_softmax(unembed(hidden_states[-1][rows]).float(), dim=-1)
-        for layer in range(1, layers + 1):
-            state = hidden_states[layer][rows]
-            normed = state if layer == layers else final_norm(state)
-            decoded = torch.log_softmax(unembed(normed).float(), dim=-1)
-            result[rows, layer - 1] = divergence(final, decoded, kind)
+        reference = final_logits[rows] if final_logits is not None else decode(layer_states[-1][rows])
+        final = torch.log_softmax(reference.float(), dim=-1)
+        for layer in range(layers):
+            if layer == layers - 1:
+                decoded = final
+            else:
+                decoded = torch.log_softmax(decode(layer_states[layer][rows]).float(), dim=-1)
+            result[rows, layer] = divergence(final, decoded, kind)
     return result
 
 

@@ -224,6 +224,8 @@ def metric_images(
         )
         arrays = {"values": matrix, "steps": steps, "layer_labels": layers, "component": np.asarray(component), "metric": np.asarray(metric)}
         images.append((name, figure_to_rgb(figure), arrays))
+    if not component_names:
+        return images
     latest = history[-1, :, :-1]
     figure = heatmap_figure(
         latest, row_labels=layers, column_labels=list(component_names), missing=missing, xlabel="component",

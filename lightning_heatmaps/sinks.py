@@ -21,9 +21,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from tensorboard.compat.proto.summary_pb2 import Summary
 
+from lightning_heatmaps._worker import BackgroundWriter
 from lightning_heatmaps.render import rgb_to_png
 
 
@@ -142,3 +144,21 @@ def sinks_for_trainer(trainer: Any, image_directory: str) -> list[Sink]:
     if not any(sink.takes_images for sink in sinks):
         sinks.append(DiskSink(image_directory))
     return sinks
+
+
+def open_run_outputs(trainer: Any, owner: str) -> tuple[str, list[Sink], BackgroundWriter | None]:
+    """``(directory, sinks, writer)`` for a callback's run: the writer exists on rank zero only.
+
+    Call on every rank (the log directory is broadcast). Warns once when the Trainer has no logger.
+    """
+    log_dir = trainer.log_dir or trainer.default_root_dir
+    directory = os.path.join(log_dir, "heatmaps")
+    sinks = sinks_for_trainer(trainer, directory)
+    if not trainer.is_global_zero:
+        return directory, sinks, None
+    if not trainer.loggers:
+        rank_zero_warn(
+            f"{owner}: the Trainer has no logger (logger=False), so heatmaps go to disk only: "
+            f"PNG and .npz files under {directory}."
+        )
+    return directory, sinks, BackgroundWriter(owner)
