@@ -4,6 +4,7 @@ from lightning_heatmaps.activation import ActivationHeatmap
 from lightning_heatmaps.gradient import GradientHeatmap
 from lightning_heatmaps.layers import CANONICAL_COMPONENTS, LayerMap, resolve_layers
 from lightning_heatmaps.logit_lens import LogitLensHeatmap
+from lightning_heatmaps.probe import ProbeHeatmap
 from lightning_heatmaps.reductions import ACTIVATION_METRICS, GRADIENT_METRICS
 from lightning_heatmaps.render import heatmap_figure
 from lightning_heatmaps.ring_buffer import RingBuffer
@@ -16,6 +17,7 @@ __all__ = [
     "GradientHeatmap",
     "LayerMap",
     "LogitLensHeatmap",
+    "ProbeHeatmap",
     "RingBuffer",
     "heatmap_figure",
     "resolve_layers",
