@@ -2,6 +2,7 @@
 
 from lightning_heatmaps.activation import ActivationHeatmap
 from lightning_heatmaps.gradient import GradientHeatmap
+from lightning_heatmaps.intervention import InterventionHeatmap
 from lightning_heatmaps.layers import CANONICAL_COMPONENTS, LayerMap, resolve_layers
 from lightning_heatmaps.logit_lens import LogitLensHeatmap
 from lightning_heatmaps.probe import ProbeHeatmap
@@ -15,6 +16,7 @@ __all__ = [
     "CANONICAL_COMPONENTS",
     "GRADIENT_METRICS",
     "GradientHeatmap",
+    "InterventionHeatmap",
     "LayerMap",
     "LogitLensHeatmap",
     "ProbeHeatmap",

@@ -1,0 +1,200 @@
+"""``InterventionHeatmap``: how much each layer's subject, attention edge and last token matter, layer x site."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_heatmaps.interventions import CORRUPTIONS, SITES, causal_mask_with_blocked_edges, corrupt
+from lightning_heatmaps.layers import find_language_model, find_layer_stack
+from lightning_heatmaps.lens import jensen_shannon_bits
+from lightning_heatmaps.lens_base import LensCallback, LensImage, LensResult, as_token_lists, check_memory
+
+ATTENTION_NAMES = ("self_attn", "attn", "attention")
+BLOCKABLE = ("eager", "sdpa")
+
+
+def _output_tensor(output: Any) -> Tensor:
+    return output if isinstance(output, Tensor) else output[0]
+
+
+def _with_tensor(output: Any, tensor: Tensor) -> Any:
+    return tensor if isinstance(output, Tensor) else (tensor, *output[1:])
+
+
+class InterventionHeatmap(LensCallback):
+    """Output divergence when a layer's subject tokens, subject-to-last attention edges or last token
+    are corrupted: a layer x {Subj., Attn., Last.} heatmap (Geva et al., 2023; Cheang et al., 2025).
+
+    For each prompt (with its subject span) and each layer ``l``: *Subj.* corrupts the subject tokens'
+    hidden states at the output of layer ``l``; *Last.* corrupts the last token's; *Attn.* blocks
+    attention from the subject tokens to the last token in the ``window`` layers centred on ``l``.
+    The cell is the JSD in bits between the clean and the intervened next-token distribution at the
+    last position, averaged over prompts. All ``3 L`` interventions of a prompt run in one batch with
+    the clean run. Attention edges are blocked with an explicit mask, which eager and SDPA attention
+    honour; other attention implementations (flash-attention) are refused at setup.
+
+    Args:
+        prompts: texts (with ``tokenizer``) or token ids, as for :class:`~lightning_heatmaps.LogitLensHeatmap`.
+        subject_spans: per prompt, ``(start, end)`` token indices of the subject (end exclusive); the
+            subject must end before the last token.
+        tokenizer: turns text prompts into ids.
+        corruption: ``"noise"`` (default: add Gaussian noise of ``noise_scale`` times the standard
+            deviation of the prompt's input embeddings, seeded, as in causal tracing), ``"zero"`` or
+            ``"mean"`` (the clean run's mean state of that layer over the prompt's tokens).
+        noise_scale: noise size in embedding standard deviations (default 3).
+        window: layers whose attention edges are blocked around each layer (default 9; 0 blocks none).
+        seed: seeds the noise (the same noise at every evaluation, so evaluations are comparable).
+        every_n_steps, on_validation_end, capacity, history, first_layer_index, cmap, max_memory_mb:
+            see :class:`~lightning_heatmaps.lens_base.LensCallback`.
+
+    Example:
+        >>> callback = InterventionHeatmap([[5, 6, 7, 8, 9]], subject_spans=[(1, 3)])
+    """
+
+    metric = "intervention_jsd"
+    summary_label = "mean_divergence"
+
+    def __init__(
+        self,
+        prompts: Any,
+        subject_spans: Sequence[tuple[int, int]] | None,
+        tokenizer: Any = None,
+        corruption: str = "noise",
+        noise_scale: float = 3.0,
+        window: int = 9,
+        seed: int = 0,
+        every_n_steps: int | None = 100,
+        on_validation_end: bool = False,
+        capacity: int = 256,
+        history: str = "recent",
+        first_layer_index: int = 0,
+        cmap: str = "viridis",
+        max_memory_mb: float = 2048.0,
+    ) -> None:
+        super().__init__(every_n_steps, on_validation_end, capacity, history, first_layer_index, cmap, max_memory_mb)
+        if corruption not in CORRUPTIONS:
+            raise ValueError(f"Invalid value for corruption={corruption!r}: must be one of {CORRUPTIONS}.")
+        if not isinstance(noise_scale, (int, float)) or noise_scale < 0:
+            raise ValueError(f"Invalid value for noise_scale={noise_scale!r}: must be a number >= 0.")
+        if not isinstance(window, int) or window < 0:
+            raise ValueError(f"Invalid value for window={window!r}: must be an integer >= 0.")
+        self.prompt_ids = as_token_lists(prompts, tokenizer, "prompts")
+        if not subject_spans or len(subject_spans) != len(self.prompt_ids):
+            raise ValueError(
+                f"Invalid value for subject_spans={subject_spans!r}: need one (start, end) span per prompt "
+                f"({len(self.prompt_ids)} prompts)."
+            )
+        self.subject_spans = []
+        for index, (span, ids) in enumerate(zip(subject_spans, self.prompt_ids)):
+            if span is None or len(span) != 2:
+                raise ValueError(f"Invalid subject span {span!r} for prompt {index}: need (start, end).")
+            start, end = int(span[0]), int(span[1])
+            if not 0 <= start < end <= len(ids) - 1:
+                raise ValueError(
+                    f"Invalid subject span ({start}, {end}) for prompt {index} of {len(ids)} tokens: need "
+                    f"0 <= start < end <= {len(ids) - 1} (the subject ends before the last token)."
+                )
+            self.subject_spans.append((start, end))
+        self.corruption, self.noise_scale, self.window, self.seed = corruption, float(noise_scale), window, seed
+
+    @override
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+        self._model = find_language_model(pl_module)
+        implementation = getattr(self._model.config, "_attn_implementation", "eager") or "eager"
+        if implementation not in BLOCKABLE:
+            raise ValueError(
+                f"InterventionHeatmap cannot block attention edges with attn_implementation={implementation!r}: "
+                f"use one of {BLOCKABLE} (it takes an explicit attention mask)."
+            )
+        stack = find_layer_stack(self._model)
+        if stack is None:
+            raise ValueError(f"Cannot find the layers of {type(self._model).__name__}.")
+        self._blocks = [block for _, block in stack[1]]
+        self._attentions = []
+        for index, block in enumerate(self._blocks):
+            children = dict(block.named_children())
+            found = next((children[name] for name in ATTENTION_NAMES if name in children), None)
+            if found is None:
+                raise ValueError(f"Cannot find the attention of layer {index} (looked for {ATTENTION_NAMES}).")
+            self._attentions.append(found)
+        layers = len(self._blocks)
+        config = self._model.config
+        width = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 1024)
+        vocabulary = int(self._model.get_output_embeddings().weight.shape[0])
+        longest = max(len(ids) for ids in self.prompt_ids)
+        rows = 3 * layers + 1
+        megabytes = 4 * rows * (longest * width * 8 + longest * longest * 4 + vocabulary * longest) / 2**20
+        check_memory("intervention batch", megabytes, self.max_memory_mb)
+        return layers
+
+    def _prompt_divergences(self, ids: list[int], span: tuple[int, int], prompt_index: int, device: torch.device) -> Tensor:
+        """``(layers, 3)`` JSD in bits of one prompt, all interventions in one batch (row 0 clean)."""
+        layers, tokens = len(self._blocks), len(ids)
+        rows = 3 * layers + 1
+        subject = torch.arange(*span, device=device)
+        last = tokens - 1
+        batch = torch.tensor([ids], device=device).expand(rows, tokens)
+        noise = None
+        if self.corruption == "noise":
+            embeddings = self._model.get_input_embeddings()(batch[:1]).float()
+            generator = torch.Generator().manual_seed(self.seed + prompt_index)
+            noise = (torch.randn(tokens, embeddings.shape[-1], generator=generator) * self.noise_scale
+                     * embeddings.std().cpu()).to(device)
+        handles = []
+
+        def corrupt_rows(layer: int) -> Any:
+            def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+                states = _output_tensor(output)
+                changed = states.clone()
+                mean = states[0].mean(dim=0) if self.corruption == "mean" else None
+                for row, positions in ((1 + layer, subject), (1 + 2 * layers + layer, torch.tensor([last], device=device))):
+                    part = None if noise is None else noise[positions]
+                    changed[row, positions] = corrupt(states[row, positions], self.corruption, part, mean)
+                return _with_tensor(output, changed)
+            return hook
+
+        def block_edges(layer: int) -> Any:
+            blocked = torch.zeros(rows, dtype=torch.bool)
+            for centre in range(layers):
+                if self.window and abs(centre - layer) <= self.window // 2:
+                    blocked[1 + layers + centre] = True
+
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+                if not blocked.any():
+                    return None
+                states = kwargs.get("hidden_states", args[0] if args else None)
+                kwargs["attention_mask"] = causal_mask_with_blocked_edges(
+                    rows, tokens, blocked, subject, last, kwargs.get("attention_mask"), states.dtype, states.device)
+                return args, kwargs
+            return hook
+
+        try:
+            for layer, (block, attention) in enumerate(zip(self._blocks, self._attentions)):
+                handles.append(block.register_forward_hook(corrupt_rows(layer)))
+                handles.append(attention.register_forward_pre_hook(block_edges(layer), with_kwargs=True))
+            logits = self._model(input_ids=batch).logits[:, -1].float()
+        finally:
+            for handle in handles:
+                handle.remove()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        divergences = jensen_shannon_bits(log_probs[:1].expand_as(log_probs[1:]), log_probs[1:])
+        return divergences.reshape(3, layers).T  # rows: Subj. (layer order), Attn., Last.
+
+    @override
+    def _evaluate(self, pl_module: pl.LightningModule) -> LensResult:
+        total = None
+        for index, (ids, span) in enumerate(zip(self.prompt_ids, self.subject_spans)):
+            cells = self._prompt_divergences(ids, span, index, pl_module.device)
+            total = cells if total is None else total + cells
+        table = (total / len(self.prompt_ids)).cpu().numpy().astype(np.float64)
+        image = LensImage(name="layer_x_site", values=table, row_labels=self.layer_labels, column_labels=list(SITES),
+                          xlabel="intervention site", arrays={"subject_spans": np.asarray(self.subject_spans)})
+        scalars = {f"{self.metric}/{site.rstrip('.').lower()}_max": float(table[:, i].max()) for i, site in enumerate(SITES)}
+        return LensResult([image], table.mean(axis=1), scalars)
