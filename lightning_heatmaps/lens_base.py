@@ -194,7 +194,7 @@ class LensCallback(Callback):
         try:
             with torch.no_grad():
                 result = self._evaluate(pl_module)
-        except (ValueError, RuntimeError, IndexError) as error:
+        except Exception as error:  # an evaluation never crashes training: report, skip, go on
             self._warn_once(f"error:{type(error).__name__}", f"evaluation skipped at step {step} ({type(error).__name__}: "
                             f"{error}). Training goes on; later failures of this kind are not reported.")
             return

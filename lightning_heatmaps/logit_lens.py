@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_heatmaps.layers import find_decoder, find_language_model
+from lightning_heatmaps.layers import find_decoder, find_language_model, find_layer_stack
 from lightning_heatmaps.lens import DIVERGENCES, deep_thinking_share, logit_lens, settling_depth
 from lightning_heatmaps.lens_base import LensCallback, LensImage, LensResult, as_token_lists, check_memory, token_strings
 
@@ -113,7 +113,11 @@ class LogitLensHeatmap(LensCallback):
                 final_norm, unembed = find_decoder(language_model)
                 self._decode = lambda state: unembed(final_norm(state))
             config = language_model.config
-            layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))
+            stack = find_layer_stack(language_model)
+            if stack is None:
+                raise ValueError(f"Cannot find the layers of {type(language_model).__name__} (no repeated blocks).")
+            self._blocks = [block for _, block in stack[1]]
+            layers = len(self._blocks)
             vocabulary = int(language_model.get_output_embeddings().weight.shape[0])
             width = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0))
             limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -134,10 +138,18 @@ class LogitLensHeatmap(LensCallback):
     def _layer_states(self, pl_module: pl.LightningModule, ids: Tensor) -> tuple[list[Tensor], Tensor | None]:
         if self.hidden_states_fn is not None:
             return [state[0] for state in self.hidden_states_fn(pl_module, ids)], None
-        outputs = self._language_model(input_ids=ids, output_hidden_states=True)
-        # hidden_states[0] is the embeddings; the last one is already final-normed: the model's logits
-        # give that layer's (and the reference) distribution.
-        return [state[0] for state in outputs.hidden_states[1:]], outputs.logits[0]
+        # Each layer's output, read by hooks on the layer stack (the same tensors as Hugging Face's
+        # hidden_states[1:], without asking the model to keep them all). The last layer's distribution,
+        # and the reference, is the model's own output: its final norm is applied once.
+        states: list[Tensor] = []
+        handles = [block.register_forward_hook(lambda m, a, out: states.append((out if isinstance(out, Tensor) else out[0])[0]))
+                   for block in self._blocks]
+        try:
+            logits = self._language_model(input_ids=ids).logits[0]
+        finally:
+            for handle in handles:
+                handle.remove()
+        return states, logits
 
     @override
     def _evaluate(self, pl_module: pl.LightningModule) -> LensResult:

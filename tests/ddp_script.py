@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from conftest import TokenModel, VOCAB, tiny_llama  # noqa: E402
 
-from lightning_heatmaps import ActivationHeatmap, GradientHeatmap  # noqa: E402
+from lightning_heatmaps import ActivationHeatmap, GradientHeatmap, InterventionHeatmap, LogitLensHeatmap  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -47,7 +47,8 @@ def main() -> None:
         default_root_dir=out_dir, max_steps=4, accelerator="cpu", devices=2 if ddp else 1,
         strategy="ddp_spawn" if ddp else "auto", enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, log_every_n_steps=1, use_distributed_sampler=False,
-        callbacks=[ActivationHeatmap(every_n_steps=1, metrics=["rms", "max_abs"]), GradientHeatmap(every_n_steps=1)],
+        callbacks=[ActivationHeatmap(every_n_steps=1, metrics=["rms", "max_abs"]), GradientHeatmap(every_n_steps=1),
+                   LogitLensHeatmap([[3, 4, 5, 6]], every_n_steps=2), InterventionHeatmap([[3, 4, 5, 6]], [(0, 2)], every_n_steps=2)],
     )
     trainer.fit(model)
 

@@ -135,3 +135,26 @@ def test_bad_input(tmp_path):
     trainer = make_trainer(tmp_path, [LogitLensHeatmap([[1, 2]])], max_steps=1)
     with pytest.raises(ValueError, match="Found no Hugging Face language model"):
         trainer.fit(DeepMLP(), torch.utils.data.DataLoader(torch.randn(16, 8), batch_size=4))
+
+
+def test_a_failing_evaluation_is_skipped_and_training_goes_on(tmp_path):
+    import warnings
+
+    from test_outputs import DeepMLP
+
+    calls = []
+
+    def broken(module, ids):
+        calls.append(1)
+        if len(calls) > 1:  # the first call (at setup) works; evaluations fail
+            raise TypeError("hidden states went missing")
+        return [torch.zeros(1, ids.shape[1], 8)] * 3
+
+    callback = LogitLensHeatmap([[1, 2]], hidden_states=broken, decoder=torch.nn.Linear(8, 5), every_n_steps=1)
+    trainer = make_trainer(tmp_path, [callback], max_steps=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(DeepMLP(3), torch.utils.data.DataLoader(torch.randn(16, 8), batch_size=4))
+    assert trainer.global_step == 4 and callback.evaluations == 0 and len(calls) == 6
+    skipped = [w for w in caught if "evaluation skipped" in str(w.message)]
+    assert len(skipped) == 1 and "TypeError: hidden states went missing" in str(skipped[0].message)
