@@ -158,3 +158,31 @@ def test_a_failing_evaluation_is_skipped_and_training_goes_on(tmp_path):
     assert trainer.global_step == 4 and callback.evaluations == 0 and len(calls) == 6
     skipped = [w for w in caught if "evaluation skipped" in str(w.message)]
     assert len(skipped) == 1 and "TypeError: hidden states went missing" in str(skipped[0].message)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "opt", "phi"])
+def test_decoder_is_found_for_each_family(family):
+    import transformers
+
+    from lightning_heatmaps.layers import find_decoder, find_language_model, find_layer_stack
+
+    common = dict(vocab_size=40, num_attention_heads=4)
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, **common),
+        "gpt2": lambda: transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=40),
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, **common),
+        "opt": lambda: transformers.OPTConfig(hidden_size=32, ffn_dim=48, num_hidden_layers=2, word_embed_proj_dim=32, **common),
+        "phi": lambda: transformers.PhiConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, **common),
+    }
+    model = transformers.AutoModelForCausalLM.from_config(configs[family]()).eval()
+    lm = find_language_model(TokenModel(model))
+    final_norm, unembed = find_decoder(lm)
+    expected = {"llama": "model.norm", "gpt2": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm",
+                "opt": "model.decoder.final_layer_norm", "phi": "model.final_layernorm"}[family]
+    assert final_norm is dict(model.named_modules())[expected] and unembed is model.get_output_embeddings()
+    assert len(find_layer_stack(lm)[1]) == 2
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+        values = logit_lens([h[0] for h in out.hidden_states[1:]], lambda h: unembed(final_norm(h)), out.logits[0])
+    assert values.shape == (4, 2) and torch.all(values[:, -1] == 0) and torch.all((values >= 0) & (values <= 1))
