@@ -23,6 +23,7 @@ class BackgroundWriter:
         >>> done = []
         >>> writer.submit(lambda: done.append(1))
         >>> writer.close()
+        True
         >>> done
         [1]
     """

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_heatmaps._worker import BackgroundWriter
-from lightning_heatmaps.layers import LayerMap, ModuleSelection, resolve_layers
+from lightning_heatmaps.layers import LayerMap, ModuleSelection, layer_tags, resolve_layers
 from lightning_heatmaps.reductions import ALL_COMPONENTS, MetricDefinition, metric_table
 from lightning_heatmaps.render import metric_images
 from lightning_heatmaps.ring_buffer import POLICIES, RingBuffer
@@ -196,8 +196,7 @@ class HeatmapCallback(Callback):
         self._buffers = {d.name: RingBuffer(self.capacity, shape, self.history) for d in self._definitions}
         if self._loaded_state is not None:
             self._apply_loaded_state()
-        width = len(str(layer_map.num_layers - 1 + self.first_layer_index))
-        self._layer_tags = [f"layer_{i + self.first_layer_index:0{width}d}" for i in range(layer_map.num_layers)]
+        self._layer_tags = layer_tags(layer_map.num_layers, self.first_layer_index)
 
         self._output_dir, self._sinks, self._writer = open_run_outputs(trainer, type(self).__name__)
         if self._writer is not None:

@@ -172,6 +172,17 @@ class LayerMap:
         return text
 
 
+def layer_tags(num_layers: int, first_layer_index: int = 0) -> list[str]:
+    """Scalar-tag names of the layers, zero-padded to the widest number so they sort in order.
+
+    Example:
+        >>> layer_tags(12)[:2], layer_tags(12)[-1]
+        (['layer_00', 'layer_01'], 'layer_11')
+    """
+    width = len(str(num_layers - 1 + first_layer_index))
+    return [f"layer_{i + first_layer_index:0{width}d}" for i in range(num_layers)]
+
+
 # --- Architecture rules -------------------------------------------------------------------------
 
 Rule = Mapping[str, Union[str, Callable[[nn.Module, nn.Module], list[tuple[str, ParamRef, ...]]]]]

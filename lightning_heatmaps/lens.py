@@ -111,8 +111,8 @@ def deep_thinking_share(depths: Tensor, layers: int, last_fraction: float) -> fl
     """Share of tokens that settle only in the last ``last_fraction`` of the layers.
 
     Example:
-        >>> deep_thinking_share(torch.tensor([1, 9, 10]), layers=10, last_fraction=0.2)
-        0.6666666666666666
+        >>> round(deep_thinking_share(torch.tensor([1, 9, 10]), layers=10, last_fraction=0.2), 4)
+        0.6667
     """
     cutoff = layers - math.ceil(last_fraction * layers)
     return float((depths >= cutoff).float().mean())

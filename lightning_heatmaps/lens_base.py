@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_heatmaps._worker import BackgroundWriter
+from lightning_heatmaps.layers import layer_tags
 from lightning_heatmaps.render import figure_to_rgb, heatmap_figure, metric_images
 from lightning_heatmaps.ring_buffer import POLICIES, RingBuffer
 from lightning_heatmaps.sinks import Sink, open_run_outputs, save_arrays
@@ -142,8 +143,7 @@ class LensCallback(Callback):
             return
         layers = self._prepare(trainer, pl_module)
         self.layer_labels = [str(i + self.first_layer_index) for i in range(layers)]
-        width = len(self.layer_labels[-1])
-        self._layer_tags = [f"layer_{i + self.first_layer_index:0{width}d}" for i in range(layers)]
+        self._layer_tags = layer_tags(layers, self.first_layer_index)
         self._buffer = RingBuffer(self.capacity, (layers, 1), self.history)
         if self._loaded_state is not None:
             self._restore()

@@ -105,8 +105,8 @@ def squared_norms(tensors: Sequence[Tensor]) -> Tensor:
     """Squared L2 norms of many tensors with one grouped kernel, in fp32, on their device.
 
     Example:
-        >>> squared_norms([torch.ones(4), torch.full((2,), 3.0)])
-        tensor([ 4., 18.])
+        >>> [round(v, 4) for v in squared_norms([torch.ones(4), torch.full((2,), 3.0)]).tolist()]
+        [4.0, 18.0]
     """
     return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32)).square()
 

@@ -29,7 +29,7 @@ class RingBuffer:
     Example:
         >>> buffer = RingBuffer(capacity=2, shape=(1,))
         >>> for step in (0, 10, 20):
-        ...     buffer.append(step, np.array([step / 10]))
+        ...     _ = buffer.append(step, np.array([step / 10]))
         >>> steps, values = buffer.ordered()
         >>> steps.tolist(), values[:, 0].tolist()
         ([10, 20], [1.0, 2.0])

@@ -186,3 +186,20 @@ def test_decoder_is_found_for_each_family(family):
         out = model(input_ids=ids, output_hidden_states=True)
         values = logit_lens([h[0] for h in out.hidden_states[1:]], lambda h: unembed(final_norm(h)), out.logits[0])
     assert values.shape == (4, 2) and torch.all(values[:, -1] == 0) and torch.all((values >= 0) & (values <= 1))
+
+
+def test_top1_agreement_and_validation_end_schedule(tmp_path):
+    callback = LogitLensHeatmap([[5, 6, 7, 8]], divergence="top1", every_n_steps=None, on_validation_end=True)
+    trainer = make_trainer(tmp_path, [callback], max_steps=4, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=1)
+    model = TokenModel(tiny_llama(2))
+    trainer.fit(model, token_loader(), token_loader(batches=1))
+    events = read_events(trainer.logger.log_dir)
+    assert sorted(scalar_series(events, "logit_lens/layer_0/mean_divergence")) == [2, 4]  # not at the sanity check
+    saved = np.load(os.path.join(trainer.logger.log_dir, "heatmaps", "logit_lens", "prompt_0.npz"))
+    lm = model.model.eval()
+    with torch.no_grad():
+        out = lm(input_ids=torch.tensor([[5, 6, 7, 8]]), output_hidden_states=True)
+        layer_0 = lm.lm_head(lm.model.norm(out.hidden_states[1][0])).argmax(-1)
+    expected = (layer_0 == out.logits[0].argmax(-1)).double().numpy()
+    np.testing.assert_array_equal(saved["values"][0], expected)
+    assert saved["values"][1].tolist() == [1.0] * 4

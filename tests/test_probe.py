@@ -84,14 +84,16 @@ def test_callback_auc_matches_sklearn_on_the_same_features(tmp_path):
     assert saved["values"][:, 1].min() > 0.8 and saved["values"][:, 0].max() < 0.75  # the label lives at position 4
 
 
-def test_mlp_down_input_site_and_accuracy(tmp_path):
+def test_mlp_down_input_site_accuracy_and_callable_positions(tmp_path):
     ids, labels = _probe_set()
-    callback = ProbeHeatmap(ids, labels, offsets=[-1, -6], site="mlp.down.input", score="accuracy", every_n_steps=5)
+    callback = ProbeHeatmap(ids, labels, positions={"after_fourth": lambda row: 5}, offsets=[-1, -6],
+                            site="mlp.down.input", score="accuracy", every_n_steps=5)
+    assert callback.positions[:, 0].tolist() == [5] * 64 and callback.position_names == ["after_fourth", "-1", "-6"]
     trainer = make_trainer(tmp_path, [callback], max_steps=1)
     trainer.fit(TokenModel(tiny_llama(2)), token_loader())
     saved = np.load(os.path.join(trainer.logger.log_dir, "heatmaps", "probe_accuracy", "layer_x_position.npz"))
-    assert saved["values"].shape == (2, 2) and saved["column_labels"].tolist() == ["-1", "-6"]
-    assert saved["values"][:, 1].min() > 0.7  # offset -6 of 10 tokens is position 4
+    assert saved["values"].shape == (2, 3) and saved["column_labels"].tolist() == ["after_fourth", "-1", "-6"]
+    assert saved["values"][:, 2].min() > 0.7  # offset -6 of 10 tokens is position 4
 
 
 def test_bad_probe_data(tmp_path):
