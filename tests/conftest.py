@@ -71,6 +71,9 @@ class TokenModel(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         return self.model(input_ids=batch, labels=batch).loss
 
+    def predict_step(self, batch, batch_idx):
+        return self.model(input_ids=batch).logits
+
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
 

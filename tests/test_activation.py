@@ -60,7 +60,9 @@ def test_llama_activation_rms_matches_reference_at_sampled_steps(tmp_path):
 
     # trainer.validate / predict afterwards do not feed the training heatmaps.
     trainer.validate(model, token_loader(batches=2, seed=2), verbose=False)
+    trainer.predict(model, token_loader(batches=2, seed=3))
     assert sorted(scalar_series(read_events(trainer.logger.log_dir), "activation_rms/layer_0/all")) == [0, 2, 4, 6]
+    assert callback.samples_recorded == 4 and not callback._handles  # hooks went at the end of fit
 
 
 def test_gpt2_fused_qkv_activations_equal_slice_norms(tmp_path):
