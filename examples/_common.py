@@ -74,14 +74,18 @@ class ByteLlama(L.LightningModule):
 
 
 def start_tensorboard(logdir: str, port: int) -> subprocess.Popen | None:
+    """Start TensorBoard on ``logdir`` in the background; its output goes to ``<logdir>/tensorboard.log``."""
     command = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--port", str(port),
                "--samples_per_plugin", "images=100", "--reload_interval", "5"]
+    os.makedirs(logdir, exist_ok=True)
+    log = open(os.path.join(logdir, "tensorboard.log"), "w")
     try:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     except OSError as error:
         print(f"Could not start TensorBoard ({error}); run: {' '.join(command)}")
         return None
-    print(f"TensorBoard: http://localhost:{port}/  (IMAGES tab for the heatmaps, SCALARS for per-layer values)")
+    print(f"TensorBoard: http://localhost:{port}/  (IMAGES tab for the heatmaps, SCALARS for per-layer values; "
+          f"its log: {log.name})")
     return process
 
 
