@@ -60,7 +60,7 @@ class ActivationHeatmap(HeatmapCallback):
         capacity: int = 256,
         history: str = "recent",
         render_every_n_samples: int = 10,
-        min_render_interval_seconds: float = 30.0,
+        min_render_interval_seconds: float = 60.0,
         modules: ModuleSelection | None = None,
         first_layer_index: int = 0,
         cmap: str = "viridis",
