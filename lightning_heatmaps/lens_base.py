@@ -156,6 +156,11 @@ class LensCallback(Callback):
             self._writer = None
 
     @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Ctrl+C or an error elsewhere: what was evaluated is still written before the process goes.
+        self.teardown(trainer, pl_module, "fit")
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0:
             self._run(trainer, pl_module)  # the starting point (random init, or the resumed weights)

@@ -146,8 +146,11 @@ class Interrupting(Callback):
 
 
 def test_keyboard_interrupt_keeps_and_flushes_what_was_recorded(tmp_path):
+    from lightning_heatmaps import LogitLensHeatmap
+
     callback = ActivationHeatmap(every_n_steps=1)
-    trainer = make_trainer(tmp_path, [callback, Interrupting()], max_steps=20)
+    lens = LogitLensHeatmap([[3, 4, 5]], every_n_steps=2)
+    trainer = make_trainer(tmp_path, [callback, lens, Interrupting()], max_steps=20)
     handler = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SystemExit):  # Lightning shuts down gracefully, then exits with status 1
@@ -160,6 +163,8 @@ def test_keyboard_interrupt_keeps_and_flushes_what_was_recorded(tmp_path):
     events = read_events(trainer.logger.log_dir)
     assert events.Images("heatmaps/activation_rms/layer_x_step")[-1].step == 4
     assert not any(h for h in callback._handles)  # hooks removed
+    lens_history = np.load(os.path.join(trainer.logger.log_dir, "heatmaps", "logit_lens", "layer_x_step.npz"))
+    assert lens_history["steps"].tolist() == [0, 2, 4]
 
 
 class BrokenLogger(Logger):
