@@ -10,7 +10,6 @@ and go to the background writer, which logs scalars and renders images through t
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from lightning_heatmaps.layers import LayerMap, ModuleSelection, layer_tags, res
 from lightning_heatmaps.reductions import ALL_COMPONENTS, MetricDefinition, metric_table
 from lightning_heatmaps.render import metric_images
 from lightning_heatmaps.ring_buffer import POLICIES, RingBuffer
-from lightning_heatmaps.sinks import Sink, open_run_outputs, save_arrays
+from lightning_heatmaps.sinks import Sink, open_run_outputs, publish_image
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
@@ -389,11 +388,7 @@ class HeatmapCallback(Callback):
                     per_component=per_component, **style,
                 )
                 for image_name, rgb, arrays in images:
-                    tag = f"heatmaps/{metric}/{image_name}"
-                    for sink in sinks:
-                        if sink.takes_images:
-                            sink.log_image(tag, rgb, int(steps[-1]))
-                    save_arrays(os.path.join(directory, metric, f"{image_name}.npz"), **arrays)
+                    publish_image(sinks, directory, metric, image_name, rgb, arrays, int(steps[-1]))
             for sink in sinks:
                 sink.flush()
 

@@ -83,8 +83,8 @@ class GradientHeatmap(HeatmapCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._active:
-            return
+        if not self._active or not trainer.is_global_zero:
+            return  # only rank zero reads gradients: no index, and no copy of the initial weights, elsewhere
         device = self._params[0].device  # the model is on its device by now
         self._ref_slot = torch.tensor(self._slots_of_refs, device=device)
         if "drift_sumsq" in self._statistics:

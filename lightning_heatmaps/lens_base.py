@@ -9,7 +9,6 @@ history is drawn like the core callbacks' (same buffer, renderer, sinks and back
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +24,7 @@ from lightning_heatmaps._worker import BackgroundWriter
 from lightning_heatmaps.layers import layer_tags
 from lightning_heatmaps.render import figure_to_rgb, heatmap_figure, metric_images
 from lightning_heatmaps.ring_buffer import POLICIES, RingBuffer
-from lightning_heatmaps.sinks import Sink, open_run_outputs, save_arrays
+from lightning_heatmaps.sinks import Sink, open_run_outputs, publish_image
 
 
 @dataclass
@@ -231,20 +230,13 @@ class LensCallback(Callback):
                     ylabel=image.ylabel, cmap=cmap, color_limits=image.color_limits, colorbar_label=metric,
                     title=f"{metric}: {image.name} (step {step})",
                 )
-                rgb = figure_to_rgb(figure)
-                for sink in sinks:
-                    if sink.takes_images:
-                        sink.log_image(f"heatmaps/{metric}/{image.name}", rgb, step)
                 arrays = {"values": image.values, "row_labels": np.asarray(image.row_labels),
                           "column_labels": np.asarray(image.column_labels), "step": np.asarray(step),
                           "metric": np.asarray(metric), **image.arrays}
-                save_arrays(os.path.join(directory, metric, f"{image.name}.npz"), **arrays)
+                publish_image(sinks, directory, metric, image.name, figure_to_rgb(figure), arrays, step)
             for name, rgb, arrays in metric_images(metric, steps, history, layer_labels=labels, component_names=[],
                                                    missing=np.zeros((len(labels), 0), dtype=bool), cmap=cmap):
-                for sink in sinks:
-                    if sink.takes_images:
-                        sink.log_image(f"heatmaps/{metric}/{name}", rgb, step)
-                save_arrays(os.path.join(directory, metric, f"{name}.npz"), **arrays)
+                publish_image(sinks, directory, metric, name, rgb, arrays, step)
             for sink in sinks:
                 sink.flush()
 

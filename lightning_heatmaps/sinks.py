@@ -134,6 +134,16 @@ def save_arrays(path: str, **arrays: Any) -> None:
     os.replace(temporary, path)
 
 
+def publish_image(sinks: list[Sink], directory: str, metric: str, name: str, rgb: np.ndarray,
+                  arrays: Mapping[str, Any], step: int) -> None:
+    """Send image ``heatmaps/<metric>/<name>`` to every sink that takes images, and save the matrix behind
+    it as ``<directory>/<metric>/<name>.npz``."""
+    for sink in sinks:
+        if sink.takes_images:
+            sink.log_image(f"heatmaps/{metric}/{name}", rgb, step)
+    save_arrays(os.path.join(directory, metric, f"{name}.npz"), **arrays)
+
+
 def sinks_for_trainer(trainer: Any, image_directory: str) -> list[Sink]:
     """The sinks for this process: none off rank zero; loggers' sinks, plus PNGs if no logger takes images."""
     if not trainer.is_global_zero:

@@ -1,6 +1,5 @@
 """ActivationHeatmap in real training runs, read back from the TensorBoard event files."""
 
-import math
 
 import numpy as np
 import pytest

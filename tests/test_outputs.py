@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_heatmaps import ActivationHeatmap, GradientHeatmap
 
-from conftest import TokenModel, decode_png, make_trainer, read_events, scalar_series, tiny_llama, token_loader
+from conftest import TokenModel, decode_png, make_trainer, read_events, tiny_llama, token_loader
 
 import lightning as L
 

@@ -6,7 +6,6 @@ import warnings
 
 import lightning as L
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
