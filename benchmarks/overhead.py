@@ -38,7 +38,9 @@ from lightning.pytorch.utilities import grad_norm
 from torch.overrides import TorchFunctionMode
 
 from lightning_heatmaps import ActivationHeatmap, GradientHeatmap
+from lightning_heatmaps._worker import BackgroundWriter
 from lightning_heatmaps.render import metric_images
+from lightning_heatmaps.sinks import RunOutputs
 
 warnings.filterwarnings("ignore")
 BLOCKING = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__"}
@@ -363,11 +365,11 @@ def images(args) -> None:
     run(lambda: [callback], args, 4)
     submit = []
     for _ in range(20):
-        callback._writer = __import__("lightning_heatmaps._worker", fromlist=["BackgroundWriter"]).BackgroundWriter("bench")
+        callback._outputs = RunOutputs(tempfile.mkdtemp(), [], BackgroundWriter("bench"))
         started = time.perf_counter()
         callback._submit_render(force=True)
         submit.append(time.perf_counter() - started)
-        callback._writer.close()
+        callback._outputs.close()
     steps_, history = callback._buffers["activation_rms"].ordered()
     history = np.repeat(history, 256 // len(history) + 1, axis=0)[:256]
     steps_ = np.arange(256) * 50

@@ -23,12 +23,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_heatmaps._worker import BackgroundWriter
 from lightning_heatmaps.layers import LayerMap, ModuleSelection, layer_tags, resolve_layers
 from lightning_heatmaps.reductions import ALL_COMPONENTS, MetricDefinition, metric_table
 from lightning_heatmaps.render import metric_images
 from lightning_heatmaps.ring_buffer import POLICIES, RingBuffer
-from lightning_heatmaps.sinks import Sink, open_run_outputs, publish_image
+from lightning_heatmaps.sinks import RunOutputs, open_run_outputs
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
@@ -124,9 +123,7 @@ class HeatmapCallback(Callback):
         self._statistics = tuple(s for s in self.STATISTICS if any(s in d.statistics for d in self._definitions))
         self._buffers: dict[str, RingBuffer] = {}
         self._loaded_state: dict[str, Any] | None = None
-        self._writer: BackgroundWriter | None = None
-        self._sinks: list[Sink] = []
-        self._output_dir = ""
+        self._outputs: RunOutputs | None = None
         self._pending: list[_PendingSample] = []
         self._sample_step: int | None = None
         self._last_sampled_step: int | None = None
@@ -197,8 +194,8 @@ class HeatmapCallback(Callback):
             self._apply_loaded_state()
         self._layer_tags = layer_tags(layer_map.num_layers, self.first_layer_index)
 
-        self._output_dir, self._sinks, self._writer = open_run_outputs(trainer, type(self).__name__)
-        if self._writer is not None:
+        self._outputs = open_run_outputs(trainer, type(self).__name__)
+        if self._outputs.active:
             layout = {
                 f"heatmaps/{name}": {
                     component: [rf"^{re.escape(name)}/layer_\d+/{re.escape(component)}$"]
@@ -206,8 +203,7 @@ class HeatmapCallback(Callback):
                 }
                 for name in self.metric_names
             }
-            sinks = self._sinks
-            self._writer.submit(lambda: [sink.add_chart_layout(layout) for sink in sinks])
+            self._outputs.add_chart_layout(layout)
         rank_zero_info(f"{type(self).__name__} ({', '.join(self.metric_names)}) monitors {layer_map.describe()}")
         self._attach(trainer, pl_module, layer_map)
         self._active = True
@@ -219,10 +215,11 @@ class HeatmapCallback(Callback):
         self._active = False
         self._detach()
         self._sample_step = None
-        if self._writer is not None:
-            self._writer.close()
-            self.background_cpu_seconds += self._writer.cpu_seconds
-            self._writer = None
+        if self._outputs is not None:
+            self._outputs.close()  # before Lightning finalizes its loggers (teardown runs first)
+            if self._outputs.writer is not None:
+                self.background_cpu_seconds += self._outputs.writer.cpu_seconds
+            self._outputs = None
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -257,6 +254,8 @@ class HeatmapCallback(Callback):
                 self._finish_sample(trainer)
         if self._pending:
             self._drain(block=False)
+        if self._outputs is not None:
+            self._outputs.deliver()  # images drawn off-thread for loggers that are called on this thread
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -264,8 +263,8 @@ class HeatmapCallback(Callback):
             self._finish_sample(trainer)
         self._drain(block=True)
         self._submit_render(force=True)
-        if self._writer is not None:
-            self._writer.flush()
+        if self._outputs is not None:
+            self._outputs.flush()
 
     # --- subclass interface ------------------------------------------------------------------
 
@@ -344,9 +343,8 @@ class HeatmapCallback(Callback):
                 for column, component in enumerate(components):
                     if column == len(components) - 1 or not self._missing[layer, column]:
                         scalars[f"{definition.name}/{tag}/{component}"] = float(table[layer, column])
-        if self._writer is not None:
-            sinks, step = self._sinks, sample.step
-            self._writer.submit(lambda: [sink.log_scalars(scalars, step) for sink in sinks])
+        if self._outputs is not None:
+            self._outputs.log_scalars(scalars, sample.step)  # on the training thread, see RunOutputs
         self.samples_recorded += 1
         self._samples_since_render += 1
         self._submit_render(force=False)
@@ -367,7 +365,7 @@ class HeatmapCallback(Callback):
         )
 
     def _submit_render(self, force: bool) -> None:
-        if self._writer is None or self.layer_map is None or not any(len(b) for b in self._buffers.values()):
+        if self._outputs is None or not self._outputs.active or self.layer_map is None or not any(len(b) for b in self._buffers.values()):
             return
         # Not at the first sample: drawing costs tens of ms of CPU that a 2-core machine takes from
         # training, so images come every render_every_n_samples samples (rate-limited) and at the end.
@@ -379,7 +377,7 @@ class HeatmapCallback(Callback):
         self._last_render_time = now
         snapshots = {name: buffer.ordered() for name, buffer in self._buffers.items() if len(buffer)}
         labels, names, missing = list(self.layer_map.layer_labels), list(self.layer_map.component_names), self._missing.copy()
-        sinks, directory, style, per_component = self._sinks, self._output_dir, dict(self.style), self.per_component_images
+        outputs, style, per_component = self._outputs, dict(self.style), self.per_component_images
 
         def render() -> None:
             for metric, (steps, history) in snapshots.items():
@@ -388,8 +386,7 @@ class HeatmapCallback(Callback):
                     per_component=per_component, **style,
                 )
                 for image_name, rgb, arrays in images:
-                    publish_image(sinks, directory, metric, image_name, rgb, arrays, int(steps[-1]))
-            for sink in sinks:
-                sink.flush()
+                    outputs.publish_image(metric, image_name, rgb, arrays, int(steps[-1]))
+            outputs.flush_background()
 
-        self._writer.submit(render, key="render")
+        outputs.submit(render, key="render")

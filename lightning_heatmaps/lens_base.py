@@ -20,11 +20,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_heatmaps._worker import BackgroundWriter
 from lightning_heatmaps.layers import layer_tags
 from lightning_heatmaps.render import figure_to_rgb, heatmap_figure, metric_images
 from lightning_heatmaps.ring_buffer import POLICIES, RingBuffer
-from lightning_heatmaps.sinks import Sink, open_run_outputs, publish_image
+from lightning_heatmaps.sinks import RunOutputs, open_run_outputs
 
 
 @dataclass
@@ -91,9 +90,7 @@ class LensCallback(Callback):
         self.max_memory_mb = float(max_memory_mb)
         self._buffer: RingBuffer | None = None
         self._loaded_state: dict[str, Any] | None = None
-        self._writer: BackgroundWriter | None = None
-        self._sinks: list[Sink] = []
-        self._output_dir = ""
+        self._outputs: RunOutputs | None = None
         self._last_step: int | None = None
         self._warned: set[str] = set()
         self.evaluations = 0
@@ -146,13 +143,13 @@ class LensCallback(Callback):
         self._buffer = RingBuffer(self.capacity, (layers, 1), self.history)
         if self._loaded_state is not None:
             self._restore()
-        self._output_dir, self._sinks, self._writer = open_run_outputs(trainer, type(self).__name__)
+        self._outputs = open_run_outputs(trainer, type(self).__name__)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if stage == "fit" and self._outputs is not None:
+            self._outputs.close()  # before Lightning finalizes its loggers (teardown runs first)
+            self._outputs = None
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -168,6 +165,8 @@ class LensCallback(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0:
             self._run(trainer, pl_module)
+        if self._outputs is not None:
+            self._outputs.deliver()  # images drawn off-thread for loggers that are called on this thread
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -176,8 +175,8 @@ class LensCallback(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._writer is not None:
-            self._writer.flush()
+        if self._outputs is not None:
+            self._outputs.flush()
 
     # --- one evaluation ------------------------------------------------------------------------
 
@@ -212,18 +211,18 @@ class LensCallback(Callback):
         self._publish(step, result)
 
     def _publish(self, step: int, result: LensResult) -> None:
-        if self._writer is None:
+        outputs = self._outputs
+        if outputs is None or not outputs.active:
             return
         assert self._buffer is not None
         steps, history = self._buffer.ordered()
-        sinks, directory, metric, labels, cmap = self._sinks, self._output_dir, self.metric, list(self.layer_labels), self.cmap
+        metric, labels, cmap = self.metric, list(self.layer_labels), self.cmap
         scalars = dict(result.scalars)
         for tag, value in zip(self._layer_tags, result.layer_summary):
             scalars[f"{metric}/{tag}/{self.summary_label}"] = float(value)
+        outputs.log_scalars(scalars, step)  # on the training thread, see RunOutputs
 
         def write() -> None:
-            for sink in sinks:
-                sink.log_scalars(scalars, step)
             for image in result.images:
                 figure = heatmap_figure(
                     image.values, row_labels=image.row_labels, column_labels=image.column_labels, xlabel=image.xlabel,
@@ -233,14 +232,13 @@ class LensCallback(Callback):
                 arrays = {"values": image.values, "row_labels": np.asarray(image.row_labels),
                           "column_labels": np.asarray(image.column_labels), "step": np.asarray(step),
                           "metric": np.asarray(metric), **image.arrays}
-                publish_image(sinks, directory, metric, image.name, figure_to_rgb(figure), arrays, step)
+                outputs.publish_image(metric, image.name, figure_to_rgb(figure), arrays, step)
             for name, rgb, arrays in metric_images(metric, steps, history, layer_labels=labels, component_names=[],
                                                    missing=np.zeros((len(labels), 0), dtype=bool), cmap=cmap):
-                publish_image(sinks, directory, metric, name, rgb, arrays, step)
-            for sink in sinks:
-                sink.flush()
+                outputs.publish_image(metric, name, rgb, arrays, step)
+            outputs.flush_background()
 
-        self._writer.submit(write)
+        outputs.submit(write)
 
 
 def check_memory(what: str, megabytes: float, limit: float) -> None:

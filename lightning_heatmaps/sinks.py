@@ -8,7 +8,13 @@ zero only, which sinks a run gets:
 - if no logger takes images, PNG files are written under ``<log_dir>/heatmaps``;
 - with ``logger=False``, only the disk sink (and a warning from the callback).
 
-Sinks are called from the background writer thread only.
+Which thread calls a sink is decided here, once (:class:`RunOutputs`), by the sink's ``thread_safe``:
+
+- thread-safe sinks (TensorBoard's ``SummaryWriter``, PNG files) are called from the background writer;
+- every other Lightning logger (CSV, W&B, MLflow, Comet, Neptune, custom ones) is called on the training
+  thread only, where Lightning itself calls it, so our calls and its ``save()``/``finalize()`` never
+  interleave. Scalars reach it when a sample is ingested; images are drawn off-thread and handed over,
+  and the training thread passes them on at its next batch end (or at the end of training).
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ from __future__ import annotations
 import os
 import re
 import threading
+import traceback
 import weakref
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -30,9 +38,14 @@ from lightning_heatmaps.render import rgb_to_png
 
 
 class Sink:
-    """Base sink: takes scalars, ignores what it cannot take."""
+    """Base sink: takes scalars, ignores what it cannot take.
+
+    ``thread_safe``: whether the background writer thread may call it. ``False`` (the default) means it
+    is called on the training thread only.
+    """
 
     takes_images = False
+    thread_safe = False
 
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
         """Write scalar values at ``step``."""
@@ -58,6 +71,10 @@ class TensorBoardSink(Sink):
     """
 
     takes_images = True
+    # Safe off the training thread: SummaryWriter's EventFileWriter puts every event on a queue that its
+    # own thread drains, guarded by a lock (tensorboard.summary.writer.event_file_writer._AsyncWriter),
+    # so our events and Lightning's TensorBoardLogger events (same writer) never corrupt the file.
+    thread_safe = True
     # One layout per writer, merged over every callback that writes to it: TensorBoard shows the last
     # layout written to a run, so each write must carry all categories.
     _layouts: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
@@ -87,7 +104,12 @@ class TensorBoardSink(Sink):
 
 
 class LoggerSink(Sink):
-    """Any Lightning logger: scalars through ``log_metrics``; images where the logger takes them."""
+    """Any Lightning logger: scalars through ``log_metrics``; images where the logger takes them.
+
+    Called on the training thread only (``thread_safe = False``). ``CSVLogger`` is not thread-safe (its
+    ``save()`` iterates the rows another thread appends to), and neither are most third-party loggers.
+    W&B's ``Run.log`` holds no lock either, so ``WandbLogger`` is treated the same way.
+    """
 
     def __init__(self, logger: Logger) -> None:
         self.logger = logger
@@ -105,6 +127,7 @@ class DiskSink(Sink):
     """PNG files: ``<directory>/<tag>/step_<step>.png`` (tags' ``heatmaps/`` prefix dropped)."""
 
     takes_images = True
+    thread_safe = True  # its own files, written atomically
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
@@ -134,16 +157,6 @@ def save_arrays(path: str, **arrays: Any) -> None:
     os.replace(temporary, path)
 
 
-def publish_image(sinks: list[Sink], directory: str, metric: str, name: str, rgb: np.ndarray,
-                  arrays: Mapping[str, Any], step: int) -> None:
-    """Send image ``heatmaps/<metric>/<name>`` to every sink that takes images, and save the matrix behind
-    it as ``<directory>/<metric>/<name>.npz``."""
-    for sink in sinks:
-        if sink.takes_images:
-            sink.log_image(f"heatmaps/{metric}/{name}", rgb, step)
-    save_arrays(os.path.join(directory, metric, f"{name}.npz"), **arrays)
-
-
 def sinks_for_trainer(trainer: Any, image_directory: str) -> list[Sink]:
     """The sinks for this process: none off rank zero; loggers' sinks, plus PNGs if no logger takes images."""
     if not trainer.is_global_zero:
@@ -156,8 +169,108 @@ def sinks_for_trainer(trainer: Any, image_directory: str) -> list[Sink]:
     return sinks
 
 
-def open_run_outputs(trainer: Any, owner: str) -> tuple[str, list[Sink], BackgroundWriter | None]:
-    """``(directory, sinks, writer)`` for a callback's run: the writer exists on rank zero only.
+class RunOutputs:
+    """Where one callback's results go, and from which thread each destination is called.
+
+    Thread-safe sinks are called from the background writer; the others on the training thread only:
+    scalars when :meth:`log_scalars` is called (from a training-thread hook), images through a hand-over
+    queue that :meth:`deliver` empties (the callbacks call it at each batch end and before they close).
+    A failing sink is reported once and never stops training.
+
+    Example:
+        >>> import tempfile
+        >>> outputs = RunOutputs(tempfile.mkdtemp(), [DiskSink(tempfile.mkdtemp())], BackgroundWriter("example"))
+        >>> outputs.submit(lambda: outputs.publish_image("m", "image", np.zeros((2, 2, 3), np.uint8), {"values": np.ones(1)}, 0))
+        >>> outputs.close()
+        >>> sorted(os.listdir(os.path.join(outputs.directory, "m")))
+        ['image.npz']
+    """
+
+    def __init__(self, directory: str, sinks: list[Sink], writer: BackgroundWriter | None) -> None:
+        self.directory = directory
+        self.sinks = sinks
+        self.writer = writer
+        self._background = [sink for sink in sinks if sink.thread_safe]
+        self._training = [sink for sink in sinks if not sink.thread_safe]
+        self._handover: deque[Callable[[], None]] = deque()
+        self.errors = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether this process writes (rank zero)."""
+        return self.writer is not None
+
+    def _guarded(self, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except Exception as error:  # a logger error never reaches the training loop
+            self.errors += 1
+            if self.errors == 1:
+                name = self.writer.name if self.writer is not None else "lightning_heatmaps"
+                rank_zero_warn(
+                    f"{name}: writing heatmaps failed ({type(error).__name__}: {error}); training goes on. "
+                    f"Later failures are counted, not reported.\n{traceback.format_exc(limit=4)}"
+                )
+
+    def submit(self, job: Callable[[], None], key: Any = None) -> None:
+        """Run ``job`` on the background writer (rank zero only)."""
+        if self.writer is not None:
+            self.writer.submit(job, key=key)
+
+    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
+        """Call from the training thread: other loggers now, thread-safe sinks from the background writer."""
+        if self.writer is None:
+            return
+        values = dict(values)
+        for sink in self._training:
+            self._guarded(lambda sink=sink: sink.log_scalars(values, step))
+        if self._background:
+            sinks = self._background
+            self.writer.submit(lambda: [sink.log_scalars(values, step) for sink in sinks])
+
+    def add_chart_layout(self, categories: Mapping[str, Mapping[str, list[str]]]) -> None:
+        """Declare a custom-scalars layout (TensorBoard only, from the background writer)."""
+        sinks = [sink for sink in self._background]
+        self.submit(lambda: [sink.add_chart_layout(categories) for sink in sinks])
+
+    def publish_image(self, metric: str, name: str, rgb: np.ndarray, arrays: Mapping[str, Any], step: int) -> None:
+        """Call from the background writer: image ``heatmaps/<metric>/<name>`` to every sink that takes images
+        (handed over to the training thread for the sinks that must be called there), and the matrix behind
+        it saved as ``<directory>/<metric>/<name>.npz``."""
+        tag = f"heatmaps/{metric}/{name}"
+        for sink in self._background:
+            if sink.takes_images:
+                sink.log_image(tag, rgb, step)
+        for sink in self._training:
+            if sink.takes_images:
+                self._handover.append(lambda sink=sink: sink.log_image(tag, rgb, step))
+        save_arrays(os.path.join(self.directory, metric, f"{name}.npz"), **arrays)
+
+    def flush_background(self) -> None:
+        """Call from the background writer, at the end of a job: make what thread-safe sinks got durable."""
+        for sink in self._background:
+            sink.flush()
+
+    def deliver(self) -> None:
+        """Call from the training thread: pass images handed over by the background writer to their loggers."""
+        while self._handover:
+            self._guarded(self._handover.popleft())
+
+    def flush(self) -> None:
+        """Call from the training thread: wait for the background writer, then deliver what it handed over."""
+        if self.writer is not None:
+            self.writer.flush()
+        self.deliver()
+
+    def close(self) -> None:
+        """Call from the training thread, before Lightning finalizes its loggers: finish everything, then stop."""
+        if self.writer is not None:
+            self.writer.close()
+        self.deliver()
+
+
+def open_run_outputs(trainer: Any, owner: str) -> RunOutputs:
+    """A callback's :class:`RunOutputs`: sinks and a background writer on rank zero, nothing elsewhere.
 
     Call on every rank (the log directory is broadcast). Warns once when the Trainer has no logger.
     """
@@ -165,10 +278,10 @@ def open_run_outputs(trainer: Any, owner: str) -> tuple[str, list[Sink], Backgro
     directory = os.path.join(log_dir, "heatmaps")
     sinks = sinks_for_trainer(trainer, directory)
     if not trainer.is_global_zero:
-        return directory, sinks, None
+        return RunOutputs(directory, sinks, None)
     if not trainer.loggers:
         rank_zero_warn(
             f"{owner}: the Trainer has no logger (logger=False), so heatmaps go to disk only: "
             f"PNG and .npz files under {directory}."
         )
-    return directory, sinks, BackgroundWriter(owner)
+    return RunOutputs(directory, sinks, BackgroundWriter(owner))
