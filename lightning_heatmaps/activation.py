@@ -12,6 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_heatmaps.base import HeatmapCallback
+from lightning_heatmaps.distributed import distributed_world, pool_over_ranks
 from lightning_heatmaps.layers import Component, LayerMap, ModuleSelection
 from lightning_heatmaps.reductions import ACTIVATION_METRICS, activation_partials, pool_partials
 
@@ -19,9 +20,9 @@ from lightning_heatmaps.reductions import ACTIVATION_METRICS, activation_partial
 class ActivationHeatmap(HeatmapCallback):
     """Heatmaps of a reduction of every component's output during sampled training steps.
 
-    With DDP, every rank computes its statistics and they are pooled over ranks on sampled steps
-    (sums of squares, sums and element counts added, maxima taken), so the values are those of the
-    global batch; only rank zero writes.
+    With DDP or FSDP, every rank computes its statistics and they are pooled over ranks on sampled
+    steps with one collective (sums of squares, sums and element counts added, maxima taken), so the
+    values are those of the global batch; only rank zero writes.
 
     A sample is taken for the optimizer step that starts when ``trainer.global_step % every_n_steps
     == 0`` and logged at that step. Only training forwards count; with gradient accumulation the
@@ -149,22 +150,10 @@ class ActivationHeatmap(HeatmapCallback):
             rows.append(pool_partials(torch.stack(flat).view(len(self._calls), calls), statistic))
         self._calls = [[] for _ in self._calls]
         statistics, counts = torch.stack(rows), self._counts.copy()
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            statistics, counts = self._pool_over_ranks(statistics, counts)
+        if distributed_world() > 1:
+            # Every rank joins: the statistics and element counts of all ranks, summed (max for maxabs)
+            # with one collective, are those of the global batch. Counts ride along as the last row.
+            counts_row = torch.as_tensor(counts, dtype=statistics.dtype).to(statistics.device)
+            maxed = [i for i, name in enumerate(self._statistics) if name == "maxabs"]
+            return pool_over_ranks(torch.cat([statistics, counts_row[None]]), maxed), None
         return statistics, counts
-
-    def _pool_over_ranks(self, statistics: Tensor, counts: np.ndarray) -> tuple[Tensor, None]:
-        """Sum (max for ``maxabs``) the statistics and element counts of all ranks: every rank joins.
-
-        The result is the value over the global batch, as a single process would compute it. The
-        pooled counts stay on the device as the last row (read with the sample's one host copy).
-        """
-        counts_row = torch.as_tensor(counts, dtype=statistics.dtype).to(statistics.device)
-        summed = torch.cat([statistics, counts_row[None]])
-        maxed = [i for i, name in enumerate(self._statistics) if name == "maxabs"]
-        torch.distributed.all_reduce(summed, op=torch.distributed.ReduceOp.SUM)
-        if maxed:
-            maxima = statistics[maxed].clone()
-            torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX)
-            summed[maxed] = maxima
-        return summed, None

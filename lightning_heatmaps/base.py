@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_heatmaps.distributed import check_strategy, check_tensor_placement, register_fsdp1_shards
 from lightning_heatmaps.layers import LayerMap, ModuleSelection, layer_tags, resolve_layers
 from lightning_heatmaps.reductions import ALL_COMPONENTS, MetricDefinition, metric_table
 from lightning_heatmaps.render import metric_images
@@ -182,6 +183,13 @@ class HeatmapCallback(Callback):
             return
         if self.every_n_steps is None:
             self.every_n_steps = trainer.log_every_n_steps
+        check_strategy(trainer, type(self).__name__)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Resolved here, not in `setup`: Lightning calls `configure_model` and then wraps or shards the model
+        # (DDP, fully_shard, FSDP) after the callbacks' `setup`, and parameters are only final now.
+        register_fsdp1_shards(pl_module)
         layer_map = resolve_layers(pl_module, self.modules, self.first_layer_index)
         self.layer_map = layer_map
         self._slot_layer = np.array([c.layer for c in layer_map.components])
@@ -204,8 +212,9 @@ class HeatmapCallback(Callback):
                 for name in self.metric_names
             }
             self._outputs.add_chart_layout(layout)
-        rank_zero_info(f"{type(self).__name__} ({', '.join(self.metric_names)}) monitors {layer_map.describe()}")
+        check_tensor_placement([ref for component in layer_map.components for ref in component.params], type(self).__name__)
         self._attach(trainer, pl_module, layer_map)
+        rank_zero_info(f"{type(self).__name__} ({', '.join(self.metric_names)}) monitors {layer_map.describe()}{self._describe()}")
         self._active = True
 
     @override
@@ -269,10 +278,14 @@ class HeatmapCallback(Callback):
     # --- subclass interface ------------------------------------------------------------------
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layer_map: LayerMap) -> None:
-        """Prepare collection (register hooks, allocate storage)."""
+        """Prepare collection (register hooks, allocate storage); may mark more cells of ``_missing``."""
 
     def _detach(self) -> None:
         """Undo :meth:`_attach`."""
+
+    def _describe(self) -> str:
+        """What the fit-start report adds for this callback (e.g. frozen components)."""
+        return ""
 
     def _begin_sample(self, trainer: pl.Trainer) -> None:
         """A sampled optimizer step starts (before its first micro-batch)."""

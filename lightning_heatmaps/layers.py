@@ -52,16 +52,30 @@ class FusedPart:
 
 @dataclass(frozen=True)
 class ParamRef:
-    """A parameter, or the slice of a fused parameter, that belongs to one component."""
+    """A parameter, or the slice of a fused parameter, that belongs to one component.
+
+    The parameter is looked up through its module (``module.<attribute>``) each time it is read, never
+    kept: sharding (``fully_shard``) and wrappers replace parameter objects after resolution.
+    """
 
     name: str
-    param: nn.Parameter
+    module: nn.Module
+    attribute: str
     dim: int = 0
     part: FusedPart | None = None
+
+    @property
+    def param(self) -> nn.Parameter:
+        """The parameter as the module holds it now (a DTensor under FSDP2)."""
+        return self.module.get_parameter(self.attribute)
 
     def view(self, tensor: Tensor) -> Tensor:
         """The slice of ``tensor`` (the parameter itself, its gradient or an update) for this ref."""
         return tensor if self.part is None else self.part.take(tensor, self.dim)
+
+    def global_indices(self, size: int) -> Tensor | None:
+        """Indices along :attr:`dim` of the full parameter that this ref covers (``None``: all of them)."""
+        return None if self.part is None else self.part.take(torch.arange(size), 0)
 
     @property
     def numel(self) -> int:
@@ -189,7 +203,7 @@ Rule = Mapping[str, Union[str, Callable[[nn.Module, nn.Module], list[tuple[str, 
 
 
 def _own_params(module_name: str, module: nn.Module) -> tuple[ParamRef, ...]:
-    return tuple(ParamRef(f"{module_name}.{n}" if module_name else n, p) for n, p in module.named_parameters(recurse=False))
+    return tuple(ParamRef(f"{module_name}.{n}" if module_name else n, module, n) for n, _ in module.named_parameters(recurse=False))
 
 
 def _fused_components(
@@ -201,7 +215,7 @@ def _fused_components(
         refs = []
         for param_name, param in module.named_parameters(recurse=False):
             dim = weight_dim if param.dim() > 1 else 0
-            refs.append(ParamRef(f"{module_name}.{param_name}", param, dim=dim, part=part))
+            refs.append(ParamRef(f"{module_name}.{param_name}", module, param_name, dim=dim, part=part))
         result.append((name, tuple(refs), ModuleOutput(part)))
     return result
 
@@ -228,13 +242,13 @@ def _attention_components(module_name: str, attention: nn.MultiheadAttention) ->
         refs = []
         if attention.in_proj_weight is not None:
             part = FusedPart(parts=3, index=index)
-            refs.append(ParamRef(f"{module_name}.in_proj_weight", attention.in_proj_weight, 0, part))
+            refs.append(ParamRef(f"{module_name}.in_proj_weight", attention, "in_proj_weight", 0, part))
         else:
             param_name = ("q_proj_weight", "k_proj_weight", "v_proj_weight")[index]
-            refs.append(ParamRef(f"{module_name}.{param_name}", getattr(attention, param_name)))
+            refs.append(ParamRef(f"{module_name}.{param_name}", attention, param_name))
         if attention.in_proj_bias is not None:
             assert attention.in_proj_bias.shape[0] == 3 * embed
-            refs.append(ParamRef(f"{module_name}.in_proj_bias", attention.in_proj_bias, 0, FusedPart(3, index)))
+            refs.append(ParamRef(f"{module_name}.in_proj_bias", attention, "in_proj_bias", 0, FusedPart(3, index)))
         result.append((name, tuple(refs), AttentionInputProjection(attention, index)))
     # out_proj's weights are applied functionally: its module hook never fires, the attention's output is o.
     result.append(("attn.o", _own_params(f"{module_name}.out_proj", attention.out_proj), ModuleOutput()))
@@ -312,8 +326,9 @@ def find_layer_stack(model: nn.Module) -> tuple[str, list[tuple[str, nn.Module]]
 
 
 def _without_compile_wrapper(name: str) -> str:
-    """Drop ``torch.compile``'s ``_orig_mod`` segments: a compiled block keeps its components' names."""
-    return re.sub(r"(^|\.)_orig_mod(?=\.|$)", "", name).lstrip(".")
+    """Drop wrapper segments (``torch.compile``'s ``_orig_mod``, FSDP1's ``_fsdp_wrapped_module``, activation
+    checkpointing's ``_checkpoint_wrapped_module``): a wrapped block keeps its components' names."""
+    return re.sub(r"(^|\.)(_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)(?=\.|$)", "", name).lstrip(".")
 
 
 def _join(prefix: str, name: str) -> str:
@@ -452,7 +467,7 @@ def _resolve_selected(model: nn.Module, modules: ModuleSelection) -> tuple[list[
             parts = _attention_components(name, module)
             components += [Component(position[layer], n, name, module, refs, act) for n, refs, act in parts]
         else:
-            refs = tuple(ParamRef(f"{name}.{n}", p) for n, p in module.named_parameters())
+            refs = tuple(ParamRef(f"{name}.{n}", module, n) for n, _ in module.named_parameters())
             components.append(Component(position[layer], component, name, module, refs, ModuleOutput()))
     covered = {name for *_, name, _ in chosen}
     skipped = [
@@ -497,13 +512,14 @@ def resolve_layers(model: nn.Module, modules: ModuleSelection | None = None, fir
 
 
 def iter_unique_params(layer_map: LayerMap) -> Iterator[nn.Parameter]:
-    """Each distinct parameter of the monitored components, once, in a stable order."""
+    """Each distinct parameter of the monitored components, once, in a stable order (as held now)."""
     seen: set[int] = set()
     for component in layer_map.components:
         for ref in component.params:
-            if id(ref.param) not in seen:
-                seen.add(id(ref.param))
-                yield ref.param
+            param = ref.param
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield param
 
 
 # --- Decoders for lens heatmaps -----------------------------------------------------------------

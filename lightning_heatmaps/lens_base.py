@@ -1,7 +1,9 @@
 """What the lens heatmap callbacks share: the schedule, evaluation on a fixed probe set, the outputs.
 
 An evaluation runs on rank zero only (other ranks return at once, so no rank waits on another), in
-eval mode under ``torch.no_grad()``, and restores train mode afterwards. Its result is a set of
+eval mode under ``torch.no_grad()``, and restores train mode afterwards. A sharded model (FSDP2, FSDP1)
+cannot be evaluated by one rank alone (its forward all-gathers parameters from every rank), so it is
+refused at fit start rather than left to hang. Its result is a set of
 heatmap matrices plus one summary value per layer; the summary enters a ring buffer whose layer x step
 history is drawn like the core callbacks' (same buffer, renderer, sinks and background writer).
 """
@@ -20,6 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_heatmaps.distributed import check_strategy, refuse_sharded_evaluation
 from lightning_heatmaps.layers import layer_tags
 from lightning_heatmaps.render import figure_to_rgb, heatmap_figure, metric_images
 from lightning_heatmaps.ring_buffer import POLICIES, RingBuffer
@@ -135,8 +138,13 @@ class LensCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+        if stage == "fit":
+            check_strategy(trainer, type(self).__name__)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After `configure_model` and the strategy's wrapping, like the core callbacks.
+        refuse_sharded_evaluation(pl_module, type(self).__name__)
         layers = self._prepare(trainer, pl_module)
         self.layer_labels = [str(i + self.first_layer_index) for i in range(layers)]
         self._layer_tags = layer_tags(layers, self.first_layer_index)

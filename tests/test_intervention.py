@@ -22,6 +22,7 @@ def _model(implementation="eager", layers=2):
 def _evaluate(callback, model, tmp_path):
     trainer = make_trainer(tmp_path, [callback], max_steps=0)
     callback.setup(trainer, model, "fit")
+    callback.on_fit_start(trainer, model)  # resolution happens at fit start, after configure_model
     model.eval()
     with torch.no_grad():
         return callback._evaluate(model).images[0].values

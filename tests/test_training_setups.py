@@ -200,9 +200,14 @@ class MemoryProbe(Callback):
         self.rss = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step in (2000, 5000):
+        # Every 250 steps from 1500: a single reading can land on a render's transient allocations,
+        # so the test compares the lowest readings of two windows (what stays, not what passes).
+        if trainer.global_step >= 1500 and trainer.global_step % 250 == 0:
             gc.collect()
             self.rss[trainer.global_step] = _rss_mb()
+
+    def floor(self, first, last):
+        return min(value for step, value in self.rss.items() if first <= step <= last)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -214,11 +219,11 @@ def test_long_run_keeps_memory_flat(tmp_path):
     trainer = make_trainer(tmp_path, [*callbacks, probe], max_steps=5001, log_every_n_steps=1000)
     trainer.fit(Blocks(), data)
     assert all(len(buffer) == 64 for c in callbacks for buffer in c._buffers.values())
-    assert probe.rss[5000] - probe.rss[2000] < 25, probe.rss  # MB; no growth with the number of samples
+    assert probe.floor(4500, 5000) - probe.floor(1500, 2000) < 25, probe.rss  # MB; no growth with the number of samples
     events = read_events(trainer.logger.log_dir)
     assert len(scalar_series(events, "grad_norm/layer_3/all")) == 5001
     assert len(events.Tags()["scalars"]) == 2 * 4 * 3  # fixed by the model, not by the run's length
-    print(f"RSS at step 2000: {probe.rss[2000]:.1f} MB, at step 5000: {probe.rss[5000]:.1f} MB")
+    print(f"RSS floor over steps 1500-2000: {probe.floor(1500, 2000):.1f} MB, 4500-5000: {probe.floor(4500, 5000):.1f} MB")
 
 
 class HostReads(TorchFunctionMode):

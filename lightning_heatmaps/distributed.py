@@ -1,0 +1,317 @@
+"""Where a number lives across processes, decided in one place.
+
+The callbacks ask three questions, all answered here:
+
+- **Can this run be monitored correctly?** :func:`check_strategy` refuses, at fit start and with a message
+  that says what is supported, the set-ups whose numbers would be wrong (DeepSpeed, FSDP1 without
+  ``use_orig_params``, tensor parallelism).
+- **Which part of a parameter does this rank hold?** :func:`plan_slices` asks each parameter how it is
+  placed (a DTensor's ``placements`` under FSDP2, FSDP1's flat-shard offsets) and returns, per monitored
+  slice, how to read this rank's share of it from the local tensor, cut by *global* indices so that a
+  fused projection split across a shard boundary still adds up.
+- **How are per-rank values pooled?** :func:`sum_over_ranks` (one all-reduce) and :func:`pool_over_ranks`
+  (one all-gather, for sums and maxima together). Both are called on every rank, in the same order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_heatmaps.layers import ParamRef
+
+
+def _dtensor_class() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.4
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return None
+    return DTensor
+
+
+def is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a DTensor (a parameter or gradient sharded by FSDP2 or tensor parallelism).
+
+    Example:
+        >>> is_dtensor(torch.zeros(2))
+        False
+    """
+    cls = _dtensor_class()
+    return cls is not None and isinstance(tensor, cls)
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """This rank's part of ``tensor`` (the tensor itself unless it is a DTensor)."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def distributed_world() -> int:
+    """The number of processes in the default group (1 without torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+# --- Strategies ---------------------------------------------------------------------------------
+
+SUPPORTED = (
+    "Supported: one process, DDP (any flavour), FSDP2 (`fully_shard`, e.g. through "
+    "ModelParallelStrategy(tensor_parallel_size=1)), and FSDPStrategy with use_orig_params=True"
+)
+
+
+def _strategy_names(strategy: Any) -> set[str]:
+    return {cls.__name__ for cls in type(strategy).__mro__}
+
+
+def check_strategy(trainer: Any, owner: str) -> None:
+    """Refuse a strategy whose numbers this package could not compute correctly.
+
+    Raises:
+        ValueError: DeepSpeed (ZeRO partitions gradients outside ``param.grad``), FSDP1 with
+            ``use_orig_params=False`` (the original parameters are not visible) or tensor parallelism.
+    """
+    strategy = trainer.strategy
+    names = _strategy_names(strategy)
+    if "DeepSpeedStrategy" in names:
+        raise ValueError(
+            f"{owner} does not support DeepSpeedStrategy: ZeRO keeps gradients partitioned outside `param.grad` "
+            f"(it is None or partial), so the heatmaps would be zeros. {SUPPORTED}."
+        )
+    if "FSDPStrategy" in names and not getattr(strategy, "kwargs", {}).get("use_orig_params", True):
+        raise ValueError(
+            f"{owner} needs FSDPStrategy(use_orig_params=True) (got use_orig_params=False): without it the "
+            f"original parameters are hidden inside flat parameters and cannot be read per layer. {SUPPORTED}."
+        )
+    mesh = getattr(strategy, "device_mesh", None) if "ModelParallelStrategy" in names else None
+    names_of_dims = getattr(mesh, "mesh_dim_names", None) or ()
+    if "tensor_parallel" in names_of_dims and mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            f"{owner} does not support tensor parallelism (ModelParallelStrategy with tensor_parallel_size="
+            f"{mesh['tensor_parallel'].size()}): column-parallel outputs are sharded across ranks and row-parallel "
+            f"ones are replicated, so activations and fused projections would be mis-counted. Use "
+            f"ModelParallelStrategy(tensor_parallel_size=1) with fully_shard (FSDP2). {SUPPORTED}."
+        )
+
+
+def check_tensor_placement(refs: Sequence[ParamRef], owner: str) -> None:
+    """Refuse parameters sharded over more than one mesh dimension or with partial placements."""
+    for ref in refs:
+        param = ref.param
+        if not is_dtensor(param):
+            continue
+        if any(placement.is_partial() for placement in param.placements):
+            raise ValueError(f"{owner}: parameter {ref.name} has a Partial placement {param.placements}; {SUPPORTED}.")
+        if param.device_mesh.size() != distributed_world():
+            raise ValueError(
+                f"{owner}: parameter {ref.name} lives on a device mesh of {param.device_mesh.size()} ranks, not all "
+                f"{distributed_world()}; {SUPPORTED}."
+            )
+        sharded = [p for p in param.placements if p.is_shard()]
+        if len(sharded) > 1:
+            raise ValueError(
+                f"{owner}: parameter {ref.name} is sharded over {len(sharded)} mesh dimensions {param.placements} "
+                f"(tensor parallelism or 2-D sharding); {SUPPORTED}."
+            )
+
+
+def is_sharded_model(refs: Sequence[ParamRef]) -> bool:
+    """Whether any monitored parameter is split across ranks (FSDP2 DTensor, or an FSDP1 flat shard)."""
+    return any(is_dtensor(ref.param) or _fsdp1_info(ref.param) is not None for ref in refs)
+
+
+def refuse_sharded_evaluation(model: nn.Module, owner: str) -> None:
+    """Refuse a lens callback on a sharded model: one rank's forward would wait forever for the others.
+
+    Raises:
+        ValueError: a parameter of ``model`` is a DTensor (FSDP2, tensor parallel) or an FSDP1 flat shard.
+    """
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover
+        FullyShardedDataParallel = ()  # type: ignore[assignment]
+    sharded = any(isinstance(m, FullyShardedDataParallel) for m in model.modules()) or any(
+        is_dtensor(p) for p in model.parameters()
+    )
+    if sharded:
+        raise ValueError(
+            f"{owner} does not support sharded models (FSDP2 `fully_shard`, FSDPStrategy, tensor parallel): its "
+            "evaluation runs on rank zero alone, and a sharded forward needs every rank, so the run would hang. "
+            "Supported for lens heatmaps: one process and DDP. The core callbacks (ActivationHeatmap, "
+            "GradientHeatmap) do support FSDP2 and FSDP1."
+        )
+
+
+# --- This rank's share of a parameter ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalSlice:
+    """How this rank reads one :class:`~lightning_heatmaps.layers.ParamRef` from its local tensor.
+
+    ``how`` is ``"view"`` (the ref's own view of the local tensor: it is not cut along the split dimension),
+    ``"narrow"`` (``start``, ``length`` along ``dim``), ``"index"`` (``index`` along ``dim``) or ``"empty"``
+    (this rank holds none of it). ``weight`` is ``1 / replicas``: a value held whole by several ranks is
+    counted once when the ranks' sums are added.
+
+    Example:
+        >>> LocalSlice("narrow", dim=0, start=1, length=2).take(torch.arange(4.0))
+        tensor([1., 2.])
+    """
+
+    how: str
+    ref: ParamRef | None = None
+    dim: int = 0
+    start: int = 0
+    length: int = 0
+    index: Tensor | None = None
+    weight: float = 1.0
+
+    def take(self, local: Tensor) -> Tensor:
+        if self.how == "view":
+            return local if self.ref is None else self.ref.view(local)
+        if self.how == "narrow":
+            return local.narrow(self.dim, self.start, self.length)
+        if self.how == "index":
+            assert self.index is not None
+            return local.index_select(self.dim, self.index)
+        return local.new_zeros(0)
+
+
+def local_selection(indices: Tensor, start: int, length: int) -> tuple[str, int, int, Tensor | None]:
+    """Which of the sorted global ``indices`` fall in ``[start, start + length)``, as local positions.
+
+    Returns ``(how, start, length, index)`` for :class:`LocalSlice`: a contiguous run is a ``narrow``.
+
+    Example:
+        >>> local_selection(torch.tensor([0, 1, 6, 7]), 4, 4)
+        ('narrow', 2, 2, None)
+        >>> local_selection(torch.tensor([0, 1, 6, 7]), 0, 3)
+        ('narrow', 0, 2, None)
+        >>> local_selection(torch.tensor([1, 3, 5]), 0, 6)[0]
+        'index'
+    """
+    inside = indices[(indices >= start) & (indices < start + length)] - start
+    if inside.numel() == 0:
+        return "empty", 0, 0, None
+    first, count = int(inside[0]), inside.numel()
+    if int(inside[-1]) - first + 1 == count:
+        return "narrow", first, count, None
+    return "index", 0, 0, inside
+
+
+def _local_shape_and_offset(param: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:  # torch < 2.4
+        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(shape), tuple(offset)
+
+
+def _fsdp1_info(param: Any) -> tuple[torch.Size, int, int] | None:
+    """``(full shape, first, last flat index held here)`` of an FSDP1 ``use_orig_params`` parameter, else None.
+
+    FSDP1 tags each original parameter with its flat parameter; the shard's offsets come from there.
+    """
+    return getattr(param, "_lightning_heatmaps_fsdp1", None)
+
+
+def register_fsdp1_shards(model: nn.Module) -> bool:
+    """Tag the original parameters of FSDP1 (``use_orig_params=True``) units with their global shape and
+    the range of flat indices this rank holds; returns whether any unit was found."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        return False
+    found = False
+    for module in model.modules():
+        if not isinstance(module, FullyShardedDataParallel):
+            continue
+        handle = getattr(module, "_handle", None)
+        flat = getattr(handle, "flat_param", None)
+        if flat is None or getattr(flat, "_params", None) is None:
+            continue
+        for param, shape, info in zip(flat._params, flat._shapes, flat._shard_param_infos):
+            found = True
+            if info.in_shard:
+                start, end = int(info.intra_param_start_idx), int(info.intra_param_end_idx) + 1
+            else:
+                start = end = 0
+            param._lightning_heatmaps_fsdp1 = (torch.Size(shape), start, end)
+    return found
+
+
+def global_shape(param: Any) -> torch.Size:
+    """The full shape of a parameter, however it is sharded."""
+    info = _fsdp1_info(param)
+    return info[0] if info is not None else param.shape
+
+
+def plan_slices(refs: Sequence[ParamRef], world: int) -> list[LocalSlice]:
+    """How this rank reads each ref from its local tensors (see :class:`LocalSlice`).
+
+    Plain tensors in a sharded model are taken as replicated on every rank (``weight = 1 / world``).
+    """
+    slices = []
+    for ref in refs:
+        param = ref.param
+        fsdp1 = _fsdp1_info(param)
+        if fsdp1 is not None:
+            shape, first, last = fsdp1
+            flat = torch.arange(math.prod(shape)).view(shape)
+            indices = ref.view(flat).flatten().sort().values
+            how, start, length, index = local_selection(indices, first, last - first)
+            slices.append(LocalSlice(how, ref, 0, start, length, None if index is None else index.to(param.device)))
+            continue
+        if not is_dtensor(param):
+            slices.append(LocalSlice("view", ref, weight=1.0 / world))
+            continue
+        replicas = math.prod(param.device_mesh.size(i) for i, p in enumerate(param.placements) if p.is_replicate())
+        weight = 1.0 / replicas
+        if ref.part is None:
+            slices.append(LocalSlice("view", ref, weight=weight))
+            continue
+        dim = ref.dim % param.dim()
+        local_shape, offset = _local_shape_and_offset(param)
+        if local_shape[dim] == param.shape[dim]:  # not cut along the split dimension: split the local tensor
+            slices.append(LocalSlice("view", ref, weight=weight))
+            continue
+        indices = ref.global_indices(param.shape[dim])
+        assert indices is not None
+        how, start, length, index = local_selection(indices, offset[dim], local_shape[dim])
+        device = param.to_local().device
+        slices.append(LocalSlice(how, ref, dim, start, length, None if index is None else index.to(device), weight))
+    return slices
+
+
+# --- Pooling ------------------------------------------------------------------------------------
+
+
+def sum_over_ranks(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over all ranks with one all-reduce (in place; every rank must call it)."""
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
+def pool_over_ranks(rows: Tensor, max_rows: Sequence[int]) -> Tensor:
+    """Pool ``(statistics, slots)`` over ranks with one collective: rows in ``max_rows`` by max, others by sum.
+
+    One all-gather carries every rank's rows; the sums and maxima are then taken on the device.
+    """
+    world = torch.distributed.get_world_size()
+    gathered = rows.new_empty((world * rows.shape[0], *rows.shape[1:]))  # ranks stacked along the first dim
+    torch.distributed.all_gather_into_tensor(gathered, rows.contiguous())
+    gathered = gathered.view(world, *rows.shape)
+    pooled = gathered.sum(dim=0)
+    if max_rows:
+        pooled[list(max_rows)] = gathered[:, list(max_rows)].amax(dim=0)
+    return pooled

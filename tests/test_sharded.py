@@ -1,0 +1,119 @@
+"""Sharded training on 2 CPU ranks (gloo): FSDP2 gives one process's numbers; what cannot be right is refused.
+
+Each mode runs tests/sharded_script.py in a subprocess with a timeout (a collective mismatch would hang
+until the 60 s process-group timeout; the subprocess timeout catches anything longer).
+"""
+
+import glob
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import read_events, scalar_series
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "sharded_script.py")
+ARCHITECTURES = ("llama", "gpt2", "neox")
+
+
+def _run(out_dir, mode, timeout=300):
+    return subprocess.run([sys.executable, SCRIPT, str(out_dir), mode], capture_output=True, text=True, timeout=timeout)
+
+
+def _log_dirs(root):
+    return sorted({os.path.dirname(p) for p in glob.glob(f"{root}/**/events.out.tfevents.*", recursive=True)})
+
+
+def _layer_scalars(log_dir):
+    events = read_events(log_dir)
+    return {tag: scalar_series(events, tag) for tag in events.Tags()["scalars"] if "/layer_" in tag}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharded")
+    for mode in ("single", "fsdp2"):
+        result = _run(root / mode, mode)
+        assert result.returncode == 0, result.stderr[-4000:]
+    return root
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_fsdp2_equals_one_process_for_every_scalar(runs, architecture):
+    (single_dir,) = _log_dirs(runs / "single" / architecture)
+    (sharded_dir,) = _log_dirs(runs / "fsdp2" / architecture)
+    assert len(glob.glob(f"{sharded_dir}/events.out.tfevents.*")) == 1  # rank zero writes alone
+    expected, actual = _layer_scalars(single_dir), _layer_scalars(sharded_dir)
+    metrics = {tag.split("/")[0] for tag in expected}
+    assert len(metrics) == 10  # all five activation and all five gradient metrics
+    assert sorted(actual) == sorted(expected)
+    for tag, series in expected.items():
+        assert sorted(actual[tag]) == [0, 1, 2, 3], tag
+        for step, value in series.items():
+            assert math.isfinite(value), (tag, step)
+            # grad_norm exactly 0 everywhere was the bug: sharded parameters replaced the ones found at setup
+            assert actual[tag][step] == pytest.approx(value, rel=1e-4), (tag, step)
+    assert any(value > 0 for value in actual["grad_norm/layer_0/attn.q"].values())
+
+
+def test_frozen_parameters_are_missing_not_zero(runs):
+    for mode in ("single", "fsdp2"):
+        (log_dir,) = _log_dirs(runs / mode / "llama")
+        scalars = _layer_scalars(log_dir)
+        assert "grad_norm/layer_0/mlp.gate" not in scalars and "weight_drift/layer_0/mlp.gate" not in scalars
+        assert "grad_norm/layer_1/mlp.gate" in scalars
+        assert "activation_rms/layer_0/mlp.gate" in scalars  # it still runs forward
+        matrix = np.load(os.path.join(log_dir, "heatmaps", "grad_norm", "layer_x_component.npz"))
+        gate = list(matrix["component_labels"]).index("mlp.gate")
+        assert matrix["missing"][0, gate] and np.isnan(matrix["values"][0, gate])  # grey, NaN
+        assert np.isfinite(matrix["values"][1, gate])
+
+
+def test_tensor_parallel_is_refused_without_hanging(tmp_path):
+    result = _run(tmp_path, "tp", timeout=150)
+    assert result.returncode != 0
+    assert "does not support tensor parallelism (ModelParallelStrategy with tensor_parallel_size=2)" in result.stderr
+
+
+def test_lens_callback_on_a_sharded_model_is_refused_without_hanging(tmp_path):
+    result = _run(tmp_path, "lens", timeout=150)
+    assert result.returncode != 0
+    assert "LogitLensHeatmap does not support sharded models" in result.stderr
+
+
+def test_resume_from_a_distributed_checkpoint_continues_the_history(tmp_path):
+    result = _run(tmp_path, "resume")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert os.path.isdir(tmp_path / "checkpoints" / "last.ckpt")  # a distributed (sharded) checkpoint
+    first, resumed = _log_dirs(tmp_path / "llama")
+    for metric in ("grad_norm", "activation_rms", "weight_drift"):
+        before = np.load(os.path.join(first, "heatmaps", metric, "layer_x_step.npz"))
+        after = np.load(os.path.join(resumed, "heatmaps", metric, "layer_x_step.npz"))
+        assert before["steps"].tolist() == [0, 1, 2, 3]
+        assert after["steps"].tolist() == list(range(8))  # none lost, none twice
+        np.testing.assert_array_equal(after["values"][:, :4], before["values"])
+    assert sorted(scalar_series(read_events(resumed), "grad_norm/layer_1/all")) == [4, 5, 6, 7]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDPStrategy (FSDP1) needs CUDA: Lightning refuses it on CPU")
+def test_fsdp1_with_orig_params_equals_one_process(runs, tmp_path):
+    result = _run(tmp_path, "fsdp1")
+    assert result.returncode == 0, result.stderr[-4000:]
+    for architecture in ARCHITECTURES:
+        (single_dir,), (sharded_dir,) = _log_dirs(runs / "single" / architecture), _log_dirs(tmp_path / architecture)
+        expected, actual = _layer_scalars(single_dir), _layer_scalars(sharded_dir)
+        assert sorted(actual) == sorted(expected), architecture
+        for tag, series in expected.items():
+            for step, value in series.items():
+                assert actual[tag][step] == pytest.approx(value, rel=1e-4), (architecture, tag, step)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDPStrategy (FSDP1) needs CUDA: Lightning refuses it on CPU")
+def test_fsdp1_without_orig_params_is_refused(tmp_path):
+    result = _run(tmp_path, "fsdp1-flat", timeout=150)
+    assert result.returncode != 0
+    assert "needs FSDPStrategy(use_orig_params=True)" in result.stderr
