@@ -39,6 +39,7 @@ def runs(tmp_path_factory):
     for mode in ("single", "fsdp2"):
         result = _run(root / mode, mode)
         assert result.returncode == 0, result.stderr[-4000:]
+        (root / f"{mode}.log").write_text(result.stdout + result.stderr)
     return root
 
 
@@ -62,6 +63,7 @@ def test_fsdp2_equals_one_process_for_every_scalar(runs, architecture):
 
 def test_frozen_parameters_are_missing_not_zero(runs):
     for mode in ("single", "fsdp2"):
+        assert "Frozen (no gradient, shown as missing): 0/mlp.gate." in (runs / f"{mode}.log").read_text()
         (log_dir,) = _log_dirs(runs / mode / "llama")
         scalars = _layer_scalars(log_dir)
         assert "grad_norm/layer_0/mlp.gate" not in scalars and "weight_drift/layer_0/mlp.gate" not in scalars
