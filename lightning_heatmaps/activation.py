@@ -45,6 +45,9 @@ class ActivationHeatmap(HeatmapCallback):
         cmap: matplotlib colour map. log_scale: logarithmic colour scale.
         color_limits: fixed ``(vmin, vmax)`` so colours are comparable over time.
         per_component_images: also draw one layer x step image per component.
+        name: puts this instance's outputs under ``<name>/`` (tags ``<name>/activation_rms/...``, images
+            ``heatmaps/<name>/activation_rms/...``): needed to tell apart two instances with a common metric,
+            e.g. with different ``modules``. Letters, digits, ``_``, ``.`` and ``-``.
 
     Example:
         >>> import lightning
@@ -68,10 +71,11 @@ class ActivationHeatmap(HeatmapCallback):
         log_scale: bool = False,
         color_limits: tuple[float, float] | None = None,
         per_component_images: bool = False,
+        name: str | None = None,
     ) -> None:
         super().__init__(
             metrics, every_n_steps, capacity, history, render_every_n_samples, min_render_interval_seconds,
-            modules, first_layer_index, cmap, log_scale, color_limits, per_component_images,
+            modules, first_layer_index, cmap, log_scale, color_limits, per_component_images, name,
         )
         self._handles: list[Any] = []
         self._collecting = False

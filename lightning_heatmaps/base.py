@@ -13,7 +13,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -28,7 +28,7 @@ from lightning_heatmaps.layers import LayerMap, ModuleSelection, layer_tags, res
 from lightning_heatmaps.reductions import ALL_COMPONENTS, MetricDefinition, metric_table
 from lightning_heatmaps.render import metric_images
 from lightning_heatmaps.ring_buffer import POLICIES, RingBuffer
-from lightning_heatmaps.sinks import RunOutputs, open_run_outputs
+from lightning_heatmaps.sinks import RunOutputs, check_distinct_outputs, check_output_name, open_run_outputs
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
@@ -66,7 +66,9 @@ class HeatmapCallback(Callback):
         log_scale: bool = False,
         color_limits: tuple[float, float] | None = None,
         per_component_images: bool = False,
+        name: str | None = None,
     ) -> None:
+        check_output_name(name)
         names = [metrics] if isinstance(metrics, str) else list(metrics) if isinstance(metrics, Sequence) else None
         if not names or any(name not in self.METRICS for name in names) or len(set(names)) != len(names):
             raise ValueError(
@@ -118,9 +120,14 @@ class HeatmapCallback(Callback):
         self.first_layer_index = first_layer_index
         self.style = {"cmap": cmap, "log_scale": bool(log_scale), "color_limits": color_limits}
         self.per_component_images = per_component_images
+        self.name = name
 
         self.layer_map: LayerMap | None = None
-        self._definitions = [self.METRICS[name] for name in names]
+        # With a name, this instance's outputs live under it (`<name>/grad_norm/...`), apart from another's.
+        self._definitions = [
+            self.METRICS[metric] if name is None else replace(self.METRICS[metric], name=f"{name}/{self.METRICS[metric].name}")
+            for metric in names
+        ]
         self._statistics = tuple(s for s in self.STATISTICS if any(s in d.statistics for d in self._definitions))
         self._buffers: dict[str, RingBuffer] = {}
         self._loaded_state: dict[str, Any] | None = None
@@ -141,7 +148,13 @@ class HeatmapCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(metrics=self.metrics, every_n_steps=self.every_n_steps, modules=repr(self.modules))
+        return self._generate_state_key(metrics=self.metrics, every_n_steps=self.every_n_steps, modules=repr(self.modules),
+                                        name=self.name)
+
+    @property
+    def output_names(self) -> list[str]:
+        """The names this instance's tags and files live under (no other callback may share one)."""
+        return self.metric_names
 
     @property
     def metric_names(self) -> list[str]:
@@ -184,6 +197,7 @@ class HeatmapCallback(Callback):
         if self.every_n_steps is None:
             self.every_n_steps = trainer.log_every_n_steps
         check_strategy(trainer, type(self).__name__)
+        check_distinct_outputs(trainer, self)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

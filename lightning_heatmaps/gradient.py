@@ -38,7 +38,7 @@ class GradientHeatmap(HeatmapCallback):
             ``weight_drift`` (``|W - W0| / |W0|`` against the weights when this ``fit`` started; keeps
             a copy of the monitored weights for the whole run).
         every_n_steps, capacity, history, render_every_n_samples, min_render_interval_seconds, modules,
-        first_layer_index, cmap, color_limits, per_component_images: as in
+        first_layer_index, cmap, color_limits, per_component_images, name: as in
             :class:`~lightning_heatmaps.ActivationHeatmap`.
         log_scale: logarithmic colour scale, on by default: gradient sizes span orders of magnitude
             over a run, and a linear scale lets the first steps wash out the rest.
@@ -65,10 +65,11 @@ class GradientHeatmap(HeatmapCallback):
         log_scale: bool = True,
         color_limits: tuple[float, float] | None = None,
         per_component_images: bool = False,
+        name: str | None = None,
     ) -> None:
         super().__init__(
             metrics, every_n_steps, capacity, history, render_every_n_samples, min_render_interval_seconds,
-            modules, first_layer_index, cmap, log_scale, color_limits, per_component_images,
+            modules, first_layer_index, cmap, log_scale, color_limits, per_component_images, name,
         )
         self._refs: list[ParamRef] = []
         self._slices: list[LocalSlice] = []

@@ -49,10 +49,14 @@ class InterventionHeatmap(LensCallback):
             deviation of the prompt's input embeddings, seeded, as in causal tracing), ``"zero"`` or
             ``"mean"`` (the clean run's mean state of that layer over the prompt's tokens).
         noise_scale: noise size in embedding standard deviations (default 3).
-        window: layers whose attention edges are blocked around each layer (default 9; 0 blocks none).
+        window: how many layers' attention edges are blocked around each layer ``l`` (default 9; 0 blocks
+            none): layers ``l - window // 2`` to ``l + (window - 1) // 2``, so an even window takes its extra
+            layer before ``l`` (``window=2`` blocks ``l - 1`` and ``l``), clipped at the first and last layer.
         seed: seeds the noise (the same noise at every evaluation, so evaluations are comparable).
         every_n_steps, on_validation_end, capacity, history, first_layer_index, cmap, max_memory_mb:
             see :class:`~lightning_heatmaps.lens_base.LensCallback`.
+        name: where this instance's tags and files live, instead of the metric's name: two instances in
+            one Trainer (say two labellings) need distinct names, and get distinct checkpoint state.
 
     Example:
         >>> callback = InterventionHeatmap([[5, 6, 7, 8, 9]], subject_spans=[(1, 3)])
@@ -77,8 +81,9 @@ class InterventionHeatmap(LensCallback):
         first_layer_index: int = 0,
         cmap: str = "viridis",
         max_memory_mb: float = 2048.0,
+        name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps, on_validation_end, capacity, history, first_layer_index, cmap, max_memory_mb)
+        super().__init__(every_n_steps, on_validation_end, capacity, history, first_layer_index, cmap, max_memory_mb, name)
         if corruption not in CORRUPTIONS:
             raise ValueError(f"Invalid value for corruption={corruption!r}: must be one of {CORRUPTIONS}.")
         if not isinstance(noise_scale, (int, float)) or noise_scale < 0:
@@ -163,7 +168,8 @@ class InterventionHeatmap(LensCallback):
         def block_edges(layer: int) -> Any:
             blocked = torch.zeros(rows, dtype=torch.bool)
             for centre in range(layers):
-                if self.window and abs(centre - layer) <= self.window // 2:
+                # Exactly `window` layers centred on `centre`; an even window takes the extra layer before it.
+                if centre - self.window // 2 <= layer < centre + (self.window + 1) // 2:
                     blocked[1 + layers + centre] = True
 
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -196,5 +202,5 @@ class InterventionHeatmap(LensCallback):
         table = (total / len(self.prompt_ids)).cpu().numpy().astype(np.float64)
         image = LensImage(name="layer_x_site", values=table, row_labels=self.layer_labels, column_labels=list(SITES),
                           xlabel="intervention site", arrays={"subject_spans": np.asarray(self.subject_spans)})
-        scalars = {f"{self.metric}/{site.rstrip('.').lower()}_max": float(table[:, i].max()) for i, site in enumerate(SITES)}
+        scalars = {f"{self.output_name}/{site.rstrip('.').lower()}_max": float(table[:, i].max()) for i, site in enumerate(SITES)}
         return LensResult([image], table.mean(axis=1), scalars)

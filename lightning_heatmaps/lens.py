@@ -22,11 +22,15 @@ def jensen_shannon_bits(log_p: Tensor, log_q: Tensor) -> Tensor:
         >>> p = torch.tensor([[0.5, 0.5]]).log(); q = torch.tensor([[1.0, 0.0]]).log()
         >>> round(float(jensen_shannon_bits(p, q)[0]), 4)
         0.3113
+        >>> jensen_shannon_bits(p, torch.full((1, 2), float("nan"))).isnan().item()
+        True
     """
     log_p, log_q = log_p.float(), log_q.float()
     log_m = torch.logaddexp(log_p, log_q) - LN2
-    kl_pm = torch.where(log_p > -math.inf, log_p.exp() * (log_p - log_m), 0.0).sum(-1)
-    kl_qm = torch.where(log_q > -math.inf, log_q.exp() * (log_q - log_m), 0.0).sum(-1)
+    # Only exact zeros of probability contribute 0 (0 log 0 = 0); a NaN anywhere makes the result NaN,
+    # so a broken model never reads as a perfect match.
+    kl_pm = torch.where(log_p == -math.inf, 0.0, log_p.exp() * (log_p - log_m)).sum(-1)
+    kl_qm = torch.where(log_q == -math.inf, 0.0, log_q.exp() * (log_q - log_m)).sum(-1)
     return (0.5 * (kl_pm + kl_qm) / LN2).clamp(0.0, 1.0)
 
 
@@ -39,7 +43,7 @@ def kl_bits(log_p: Tensor, log_q: Tensor) -> Tensor:
         0.2075
     """
     log_p, log_q = log_p.float(), log_q.float()
-    return torch.where(log_p > -math.inf, log_p.exp() * (log_p - log_q), 0.0).sum(-1) / LN2
+    return torch.where(log_p == -math.inf, 0.0, log_p.exp() * (log_p - log_q)).sum(-1) / LN2
 
 
 def divergence(log_p: Tensor, log_q: Tensor, kind: str) -> Tensor:
@@ -49,7 +53,9 @@ def divergence(log_p: Tensor, log_q: Tensor, kind: str) -> Tensor:
     if kind == "kl":
         return kl_bits(log_p, log_q)
     if kind == "top1":
-        return (log_p.argmax(-1) == log_q.argmax(-1)).float()
+        agree = (log_p.argmax(-1) == log_q.argmax(-1)).float()
+        broken = torch.isnan(log_p).any(-1) | torch.isnan(log_q).any(-1)
+        return torch.where(broken, math.nan, agree)
     raise ValueError(f"Invalid value for divergence={kind!r}: must be one of {DIVERGENCES}.")
 
 
@@ -95,16 +101,17 @@ def logit_lens(
 
 
 def settling_depth(divergences: Tensor, threshold: float) -> Tensor:
-    """Per token, the first layer (0-based) whose divergence is below ``threshold``; ``layers`` if none.
+    """Per token, the first layer (0-based) whose divergence is below ``threshold``; ``layers`` if none;
+    NaN for a token with a NaN divergence (it has no settling depth).
 
     Example:
-        >>> settling_depth(torch.tensor([[0.9, 0.4, 0.1], [0.9, 0.8, 0.0]]), 0.5).tolist()
-        [1, 2]
+        >>> settling_depth(torch.tensor([[0.9, 0.4, 0.1], [0.9, 0.8, 0.0], [0.9, float("nan"), 0.0]]), 0.5).tolist()
+        [1.0, 2.0, nan]
     """
     below = divergences < threshold
     layers = divergences.shape[-1]
-    first = torch.where(below, torch.arange(layers, device=divergences.device), layers)
-    return first.min(dim=-1).values
+    first = torch.where(below, torch.arange(layers, device=divergences.device), layers).min(dim=-1).values.float()
+    return torch.where(torch.isnan(divergences).any(dim=-1), math.nan, first)
 
 
 def deep_thinking_share(depths: Tensor, layers: int, last_fraction: float) -> float:
@@ -115,4 +122,6 @@ def deep_thinking_share(depths: Tensor, layers: int, last_fraction: float) -> fl
         0.6667
     """
     cutoff = layers - math.ceil(last_fraction * layers)
+    if torch.isnan(depths.float()).any():
+        return math.nan
     return float((depths >= cutoff).float().mean())

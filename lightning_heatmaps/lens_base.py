@@ -26,7 +26,7 @@ from lightning_heatmaps.distributed import check_strategy, refuse_sharded_evalua
 from lightning_heatmaps.layers import layer_tags
 from lightning_heatmaps.render import figure_to_rgb, heatmap_figure, metric_images
 from lightning_heatmaps.ring_buffer import POLICIES, RingBuffer
-from lightning_heatmaps.sinks import RunOutputs, open_run_outputs
+from lightning_heatmaps.sinks import RunOutputs, check_distinct_outputs, check_output_name, open_run_outputs
 
 
 @dataclass
@@ -67,7 +67,9 @@ class LensCallback(Callback):
         first_layer_index: int = 0,
         cmap: str = "viridis",
         max_memory_mb: float = 2048.0,
+        name: str | None = None,
     ) -> None:
+        check_output_name(name)
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1):
             raise ValueError(f"Invalid value for every_n_steps={every_n_steps!r}: must be None or an integer >= 1.")
         if every_n_steps is None and not on_validation_end:
@@ -91,6 +93,7 @@ class LensCallback(Callback):
         self.first_layer_index = first_layer_index
         self.cmap = cmap
         self.max_memory_mb = float(max_memory_mb)
+        self.name = name
         self._buffer: RingBuffer | None = None
         self._loaded_state: dict[str, Any] | None = None
         self._outputs: RunOutputs | None = None
@@ -113,7 +116,17 @@ class LensCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps)
+        return self._generate_state_key(name=self.output_name, every_n_steps=self.every_n_steps,
+                                        on_validation_end=self.on_validation_end_)
+
+    @property
+    def output_name(self) -> str:
+        """Where this instance's tags and files live: ``name``, or the metric's own name."""
+        return self.name or self.metric
+
+    @property
+    def output_names(self) -> list[str]:
+        return [self.output_name]
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -140,6 +153,7 @@ class LensCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             check_strategy(trainer, type(self).__name__)
+            check_distinct_outputs(trainer, self)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -224,7 +238,7 @@ class LensCallback(Callback):
             return
         assert self._buffer is not None
         steps, history = self._buffer.ordered()
-        metric, labels, cmap = self.metric, list(self.layer_labels), self.cmap
+        metric, labels, cmap = self.output_name, list(self.layer_labels), self.cmap
         scalars = dict(result.scalars)
         for tag, value in zip(self._layer_tags, result.layer_summary):
             scalars[f"{metric}/{tag}/{self.summary_label}"] = float(value)
@@ -234,7 +248,7 @@ class LensCallback(Callback):
             for image in result.images:
                 figure = heatmap_figure(
                     image.values, row_labels=image.row_labels, column_labels=image.column_labels, xlabel=image.xlabel,
-                    ylabel=image.ylabel, cmap=cmap, color_limits=image.color_limits, colorbar_label=metric,
+                    ylabel=image.ylabel, cmap=cmap, color_limits=image.color_limits, colorbar_label=self.metric,
                     title=f"{metric}: {image.name} (step {step})",
                 )
                 arrays = {"values": image.values, "row_labels": np.asarray(image.row_labels),

@@ -42,6 +42,8 @@ class LogitLensHeatmap(LensCallback):
         chunk_tokens: tokens decoded at a time (bounds the ``tokens x vocabulary`` memory).
         every_n_steps, on_validation_end, capacity, history, first_layer_index, cmap, max_memory_mb:
             see :class:`~lightning_heatmaps.lens_base.LensCallback`.
+        name: where this instance's tags and files live, instead of the metric's name: two instances in
+            one Trainer (say two labellings) need distinct names, and get distinct checkpoint state.
 
     Example:
         >>> callback = LogitLensHeatmap([[1, 2, 3, 4]], every_n_steps=100)
@@ -68,8 +70,9 @@ class LogitLensHeatmap(LensCallback):
         first_layer_index: int = 0,
         cmap: str = "viridis",
         max_memory_mb: float = 2048.0,
+        name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps, on_validation_end, capacity, history, first_layer_index, cmap, max_memory_mb)
+        super().__init__(every_n_steps, on_validation_end, capacity, history, first_layer_index, cmap, max_memory_mb, name)
         if divergence not in DIVERGENCES:
             raise ValueError(f"Invalid value for divergence={divergence!r}: must be one of {DIVERGENCES}.")
         if not isinstance(settle_threshold, (int, float)) or not 0 < settle_threshold <= 1:
@@ -172,7 +175,7 @@ class LogitLensHeatmap(LensCallback):
             ))
         all_depths = torch.cat(depths)
         scalars = {
-            f"{self.metric}/deep_thinking_share": deep_thinking_share(all_depths, layers, self.deep_fraction),
-            f"{self.metric}/mean_settling_depth": float(all_depths.float().mean()) + self.first_layer_index,
+            f"{self.output_name}/deep_thinking_share": deep_thinking_share(all_depths, layers, self.deep_fraction),
+            f"{self.output_name}/mean_settling_depth": float(all_depths.float().mean()) + self.first_layer_index,
         }
         return LensResult(images, np.mean(per_layer, axis=0), scalars)

@@ -65,6 +65,8 @@ class ProbeHeatmap(LensCallback):
             the model (the features are taken by hooks on its repeated blocks).
         every_n_steps, on_validation_end, capacity, history, first_layer_index, cmap, max_memory_mb:
             see :class:`~lightning_heatmaps.lens_base.LensCallback`.
+        name: where this instance's tags and files live, instead of the metric's name: two instances in
+            one Trainer (say two labellings) need distinct names, and get distinct checkpoint state.
 
     Example:
         >>> ids = torch.randint(0, 50, (40, 12))
@@ -95,8 +97,9 @@ class ProbeHeatmap(LensCallback):
         first_layer_index: int = 0,
         cmap: str = "viridis",
         max_memory_mb: float = 2048.0,
+        name: str | None = None,
     ) -> None:
-        super().__init__(every_n_steps, on_validation_end, capacity, history, first_layer_index, cmap, max_memory_mb)
+        super().__init__(every_n_steps, on_validation_end, capacity, history, first_layer_index, cmap, max_memory_mb, name)
         if score not in SCORES:
             raise ValueError(f"Invalid value for score={score!r}: must be one of {SCORES}.")
         if not isinstance(train_fraction, (int, float)) or not 0 < train_fraction < 1:
@@ -234,5 +237,5 @@ class ProbeHeatmap(LensCallback):
         table = measure(scores, self.labels.to(device)[test]).reshape(layers, positions).cpu().numpy().astype(np.float64)
         image = LensImage(name="layer_x_position", values=table, row_labels=self.layer_labels,
                           column_labels=self.position_names, xlabel="token position", color_limits=(0.5, 1.0))
-        scalars = {f"{self.metric}/best": float(np.nanmax(table))}
+        scalars = {f"{self.output_name}/best": float(np.nanmax(table))}
         return LensResult([image], table.max(axis=1), scalars)

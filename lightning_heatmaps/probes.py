@@ -8,6 +8,8 @@ joint minimum is every probe's minimum).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -43,8 +45,14 @@ def fit_logistic(features: Tensor, labels: Tensor, c: float = 1.0, max_iter: int
         >>> w, b = fit_logistic(x, torch.tensor([0, 0, 1, 1]))
         >>> bool(w[0, 0] > 0)
         True
+        >>> fit_logistic(torch.full((1, 4, 1), float("nan")), torch.tensor([0, 0, 1, 1]))[0].isnan().all().item()
+        True
     """
     features = features.double()
+    # The probes share one L-BFGS run: a probe with NaN/Inf features would poison every other probe's
+    # line search, so it is fitted on zeros and its weights are NaN (its scores, hence its AUC, are NaN).
+    broken = ~torch.isfinite(features).all(dim=2).all(dim=1)
+    features = torch.where(broken[:, None, None], 0.0, features)
     targets = labels.to(features).expand(features.shape[0], -1)
     params = torch.zeros(features.shape[0], features.shape[2] + 1, dtype=features.dtype, device=features.device, requires_grad=True)
     optimizer = torch.optim.LBFGS([params], lr=1, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
@@ -59,7 +67,7 @@ def fit_logistic(features: Tensor, labels: Tensor, c: float = 1.0, max_iter: int
 
     with torch.enable_grad():
         optimizer.step(objective)
-    params = params.detach()
+    params = params.detach().masked_fill(broken[:, None], math.nan)
     return params[:, :-1].to(torch.float32), params[:, -1].to(torch.float32)
 
 
@@ -75,7 +83,9 @@ def roc_auc(scores: Tensor, labels: Tensor) -> Tensor:
         raise ValueError("ROC-AUC needs examples of both classes.")
     greater = (positive[:, :, None] > negative[:, None, :]).float()
     ties = (positive[:, :, None] == negative[:, None, :]).float()
-    return (greater + 0.5 * ties).mean(dim=(1, 2))
+    auc = (greater + 0.5 * ties).mean(dim=(1, 2))
+    # NaN compares False with everything: a probe with a NaN score has no AUC, not a plausible one.
+    return torch.where(torch.isnan(scores).any(dim=1), math.nan, auc)
 
 
 def accuracy(scores: Tensor, labels: Tensor) -> Tensor:
@@ -85,4 +95,5 @@ def accuracy(scores: Tensor, labels: Tensor) -> Tensor:
         >>> accuracy(torch.tensor([[-1.0, 2.0, 0.5]]), torch.tensor([0, 1, 0])).tolist()
         [0.6666666865348816]
     """
-    return ((scores > 0).long() == labels.long()).float().mean(dim=1)
+    correct = ((scores > 0).long() == labels.long()).float().mean(dim=1)
+    return torch.where(torch.isnan(scores).any(dim=1), math.nan, correct)

@@ -157,6 +157,36 @@ def save_arrays(path: str, **arrays: Any) -> None:
     os.replace(temporary, path)
 
 
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def check_output_name(name: str | None) -> None:
+    """Validate a callback's ``name`` argument.
+
+    Example:
+        >>> check_output_name("probe/1")
+        Traceback (most recent call last):
+        ...
+        ValueError: Invalid value for name='probe/1': must be None or a non-empty string of letters, digits, '_', '.' and '-'.
+    """
+    if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
+        raise ValueError(
+            f"Invalid value for name={name!r}: must be None or a non-empty string of letters, digits, '_', '.' and '-'."
+        )
+
+
+def check_distinct_outputs(trainer: Any, callback: Any) -> None:
+    """Refuse two callbacks whose tags and files would overwrite each other's (same metric, no distinct name)."""
+    mine = set(callback.output_names)
+    for other in trainer.callbacks:
+        shared = mine & set(getattr(other, "output_names", ())) if other is not callback else set()
+        if shared:
+            raise ValueError(
+                f"{type(callback).__name__} and {type(other).__name__} would write the same tags and files "
+                f"({', '.join(sorted(shared))}): give each a distinct `name=` (e.g. name='attention_only')."
+            )
+
+
 def sinks_for_trainer(trainer: Any, image_directory: str) -> list[Sink]:
     """The sinks for this process: none off rank zero; loggers' sinks, plus PNGs if no logger takes images."""
     if not trainer.is_global_zero:

@@ -110,3 +110,25 @@ def test_bad_spans():
         InterventionHeatmap([PROMPT], [(3, 7)])
     with pytest.raises(ValueError, match=r"corruption='blur'"):
         InterventionHeatmap([PROMPT], [SPAN], corruption="blur")
+
+
+@pytest.mark.parametrize("window", [2, 3])
+def test_window_blocks_exactly_window_layers(tmp_path, window):
+    model = _model("eager", layers=4)
+    values = _evaluate(InterventionHeatmap([PROMPT], [SPAN], window=window), model, tmp_path)
+    lm = model.model
+    clean = _next_token(lm, PROMPT)
+    subject, last = list(range(*SPAN)), len(PROMPT) - 1
+
+    def block_subject_to_last(module, args, kwargs):
+        mask = torch.full((len(PROMPT), len(PROMPT)), torch.finfo(torch.float32).min).triu(1)
+        mask[last, subject] = torch.finfo(torch.float32).min
+        kwargs["attention_mask"] = mask[None, None]
+        return args, kwargs
+
+    for layer in range(4):
+        # Documented: layers layer - window // 2 .. layer + (window - 1) // 2, clipped (window 2: layer - 1 and layer).
+        blocked = [i for i in range(layer - window // 2, layer + (window - 1) // 2 + 1) if 0 <= i < 4]
+        assert len(blocked) == window or layer in (0, 3)
+        attn = _next_token(lm, PROMPT, attention_hooks=[(i, block_subject_to_last) for i in blocked])
+        assert values[layer, 1] == pytest.approx(jensenshannon(clean, attn, base=2) ** 2, abs=2e-5), (layer, blocked)
