@@ -78,6 +78,7 @@ class ActivationHeatmap(HeatmapCallback):
             modules, first_layer_index, cmap, log_scale, color_limits, per_component_images, name,
         )
         self._handles: list[Any] = []
+        self.unobservable: list[str] = []
         self._collecting = False
         self._calls: list[list[list[Tensor]]] = []
         self._counts = np.zeros(0, dtype=np.int64)
@@ -85,14 +86,27 @@ class ActivationHeatmap(HeatmapCallback):
     @override
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layer_map: LayerMap) -> None:
         by_module: dict[int, tuple[torch.nn.Module, list[tuple[int, Component]]]] = {}
+        self.unobservable = []
         for slot, component in enumerate(layer_map.components):
-            by_module.setdefault(id(component.module), (component.module, []))[1].append((slot, component))
+            if component.activation is None:  # e.g. experts fused into one 3-D parameter: no output to hook
+                self.unobservable.append(f"{layer_map.layer_labels[component.layer]}/{component.name}")
+                self._missing[self._slot_layer[slot], self._slot_component[slot]] = True
+                continue
+            for module in component.hooked_modules:
+                by_module.setdefault(id(module), (module, []))[1].append((slot, component))
         self._handles = [
             module.register_forward_hook(self._hook_for(entries), with_kwargs=True)
             for module, entries in by_module.values()
         ]
         self._calls = [[] for _ in layer_map.components]
         self._counts = np.zeros(len(layer_map.components), dtype=np.int64)
+
+    @override
+    def _describe(self) -> str:
+        if not self.unobservable:
+            return ""
+        shown = ", ".join(self.unobservable[:12]) + (", ..." if len(self.unobservable) > 12 else "")
+        return f" No hookable output (shown as missing): {shown}."
 
     def _hook_for(self, entries: list[tuple[int, Component]]) -> Any:
         statistics = self._statistics

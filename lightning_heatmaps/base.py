@@ -214,7 +214,7 @@ class HeatmapCallback(Callback):
         self._buffers = {d.name: RingBuffer(self.capacity, shape, self.history) for d in self._definitions}
         if self._loaded_state is not None:
             self._apply_loaded_state()
-        self._layer_tags = layer_tags(layer_map.num_layers, self.first_layer_index)
+        self._layer_tags = layer_tags(layer_map.num_layers, self.first_layer_index, layer_map.layer_labels)
 
         self._outputs = open_run_outputs(trainer, type(self).__name__)
         if self._outputs.active:

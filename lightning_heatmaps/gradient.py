@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -100,7 +99,7 @@ class GradientHeatmap(HeatmapCallback):
         self._refs = refs
         self._counts = np.zeros(len(layer_map.components), dtype=np.int64)
         for ref, slot in zip(refs, slots):
-            self._counts[slot] += math.prod(global_shape(ref.param)) // (ref.part.parts if ref.part is not None else 1)
+            self._counts[slot] += ref.numel_of(global_shape(ref.param))
         keys: dict[tuple[int, str], int] = {}
         self._ref_param = [keys.setdefault((id(ref.module), ref.attribute), len(keys)) for ref in refs]
         self._param_refs = list({index: ref for ref, index in zip(refs, self._ref_param)}.values())

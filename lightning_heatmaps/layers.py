@@ -9,6 +9,7 @@ stack of repeated blocks, and a model without one still works with one layer per
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -18,7 +19,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lightning_heatmaps.architectures import (
+    ADAPTER_SEGMENTS, COMPONENT_ORDER, EXPERT_PARAMETERS, FUSED_QKV_LAYOUTS, LEAVES, NORM_CLASS_HINTS, QKV,
+    SEGMENT_ROLES, SUBTREES, WRAPPER_SEGMENTS, FusedLayout,
+)
+
 CANONICAL_COMPONENTS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.gate", "mlp.down")
+
 
 #: A user's choice of modules: ``{regex: component name}`` matched with :func:`re.search` against full
 #: module names, or a callable ``(name, module) -> (layer, component) | None``.
@@ -27,27 +34,40 @@ ModuleSelection = Union[Mapping[str, str], Callable[[str, nn.Module], Union[tupl
 
 @dataclass(frozen=True)
 class FusedPart:
-    """Part ``index`` of ``parts`` equal blocks of one dimension of a fused tensor.
+    """Part ``index`` of a fused dimension laid out as ``groups`` repeats of segments of ``sizes``.
 
-    With ``groups > 1`` the blocks are interleaved per group (per attention head, as in GPT-NeoX's
-    ``query_key_value``: ``[q_h k_h v_h]`` for each head ``h``); with ``groups == 1`` they are
-    contiguous (GPT-2's ``c_attn``: ``[q | k | v]``).
+    ``sizes`` lists the segments in storage order within one group; part ``index`` is segment ``index`` of
+    every group. ``groups == 1`` is a contiguous layout (GPT-2's ``[q | k | v]``, Phi-3's ``[q | k | v]``
+    with smaller k and v under grouped-query attention); ``groups > 1`` interleaves per head or per group
+    (GPT-NeoX: ``[q_h k_h v_h]`` for each head ``h``).
 
     Example:
-        >>> FusedPart(parts=3, index=1).take(torch.arange(6.0), dim=0)
+        >>> FusedPart((2, 2, 2), index=1).take(torch.arange(6.0), dim=0)
         tensor([2., 3.])
+        >>> FusedPart((1, 1), index=1, groups=2).take(torch.arange(4.0), dim=0).flatten()
+        tensor([1., 3.])
     """
 
-    parts: int
+    sizes: tuple[int, ...]
     index: int
     groups: int = 1
 
+    @property
+    def parts(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def fraction(self) -> tuple[int, int]:
+        """``(numerator, denominator)`` of the fused dimension this part covers."""
+        return self.sizes[self.index], sum(self.sizes)
+
     def take(self, tensor: Tensor, dim: int) -> Tensor:
         dim = dim % tensor.dim()
+        offset = sum(self.sizes[: self.index])
         if self.groups == 1:
-            size = tensor.shape[dim] // self.parts
-            return tensor.narrow(dim, self.index * size, size)
-        return tensor.unflatten(dim, (self.groups, self.parts, -1)).select(dim + 1, self.index)
+            return tensor.narrow(dim, offset, self.sizes[self.index])
+        grouped = tensor.unflatten(dim, (self.groups, sum(self.sizes)))
+        return grouped.narrow(dim + 1, offset, self.sizes[self.index])
 
 
 @dataclass(frozen=True)
@@ -75,11 +95,19 @@ class ParamRef:
 
     def global_indices(self, size: int) -> Tensor | None:
         """Indices along :attr:`dim` of the full parameter that this ref covers (``None``: all of them)."""
-        return None if self.part is None else self.part.take(torch.arange(size), 0)
+        return None if self.part is None else self.part.take(torch.arange(size), 0).flatten()
 
     @property
     def numel(self) -> int:
-        return self.param.numel() // (self.part.parts if self.part is not None else 1)
+        return self.numel_of(self.param.shape)
+
+    def numel_of(self, shape: Any) -> int:
+        """Elements of this ref in a parameter of full shape ``shape``."""
+        total = math.prod(shape)
+        if self.part is None:
+            return total
+        covered, whole = self.part.fraction
+        return total * covered // whole
 
 
 def _first_tensor(output: Any) -> Tensor | None:
@@ -138,14 +166,25 @@ def _attention_projection(attention: nn.MultiheadAttention, index: int) -> tuple
 
 @dataclass(frozen=True)
 class Component:
-    """One monitored component: where it sits (``layer``, ``name``), its weights and its activation."""
+    """One monitored component: where it sits (``layer``, ``name``), its weights and its activation.
+
+    A component can span several modules (the experts of a mixture-of-experts layer stored as a
+    ``ModuleList``): their statistics pool exactly. ``activation`` is ``None`` where the output cannot be
+    observed with a hook (experts fused into one 3-D parameter compute inside a single forward).
+    """
 
     layer: int
     name: str
     module_name: str
     module: nn.Module
     params: tuple[ParamRef, ...]
-    activation: Callable[[tuple, dict, Any], Tensor | None]
+    activation: Callable[[tuple, dict, Any], Tensor | None] | None
+    modules: tuple[nn.Module, ...] = ()
+
+    @property
+    def hooked_modules(self) -> tuple[nn.Module, ...]:
+        """The modules whose forward outputs are this component's activation."""
+        return self.modules or (self.module,)
 
 
 @dataclass
@@ -164,6 +203,8 @@ class LayerMap:
     component_names: list[str]
     architecture: str
     skipped: list[str] = field(default_factory=list)
+    #: why each skipped module is not monitored (``norm``, ``embedding``, ``outside the blocks``, ...)
+    reasons: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -177,62 +218,49 @@ class LayerMap:
             f"{', '.join(self.component_names)}."
         )
         if self.skipped:
-            groups: dict[str, int] = {}
+            groups: dict[tuple[str, str], int] = {}
             for name in self.skipped:
-                key = re.sub(r"(^|\.)\d+(\.|$)", r"\1*\2", name)
+                key = (re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", name), self.reasons.get(name, ""))
                 groups[key] = groups.get(key, 0) + 1
-            shown = [f"{key} (x{count})" if count > 1 else key for key, count in groups.items()]
-            text += f" Skipped modules with parameters: {', '.join(shown[:16])}{', ...' if len(shown) > 16 else ''}."
+            shown = [
+                f"{key}{f' (x{count})' if count > 1 else ''}{f' [{reason}]' if reason else ''}"
+                for (key, reason), count in groups.items()
+            ]
+            text += f" Not monitored (modules with parameters): {', '.join(shown[:24])}{', ...' if len(shown) > 24 else ''}."
         return text
 
 
-def layer_tags(num_layers: int, first_layer_index: int = 0) -> list[str]:
+def layer_tags(num_layers: int, first_layer_index: int = 0, labels: list[str] | None = None) -> list[str]:
     """Scalar-tag names of the layers, zero-padded to the widest number so they sort in order.
+
+    With ``labels`` of several stacks (``enc.0``, ``dec.0``), the stack's prefix leads: ``layer_enc_00``.
 
     Example:
         >>> layer_tags(12)[:2], layer_tags(12)[-1]
         (['layer_00', 'layer_01'], 'layer_11')
+        >>> layer_tags(3, labels=["enc.0", "enc.1", "dec.0"])
+        ['layer_enc_0', 'layer_enc_1', 'layer_dec_0']
     """
+    if labels is not None and not all(label.isdigit() for label in labels):
+        split = [label.rsplit(".", 1) if "." in label else ["", label] for label in labels]
+        width = max(len(number) for _, number in split)
+        return [f"layer_{prefix}_{int(number):0{width}d}" if prefix else f"layer_{label}" for (prefix, number), label
+                in zip(split, labels)]
     width = len(str(num_layers - 1 + first_layer_index))
     return [f"layer_{i + first_layer_index:0{width}d}" for i in range(num_layers)]
 
 
-# --- Architecture rules -------------------------------------------------------------------------
-
-Rule = Mapping[str, Union[str, Callable[[nn.Module, nn.Module], list[tuple[str, ParamRef, ...]]]]]
+# --- Resolution by content -----------------------------------------------------------------------
+# The vocabulary (which names mean which component, how fused projections are laid out) is data, in
+# `architectures.py`; what follows applies it to a block.
 
 
 def _own_params(module_name: str, module: nn.Module) -> tuple[ParamRef, ...]:
     return tuple(ParamRef(f"{module_name}.{n}" if module_name else n, module, n) for n, _ in module.named_parameters(recurse=False))
 
 
-def _fused_components(
-    module_name: str, module: nn.Module, names: tuple[str, ...], weight_dim: int, groups: int
-) -> list[tuple[str, tuple[ParamRef, ...], ModuleOutput]]:
-    result = []
-    for index, name in enumerate(names):
-        part = FusedPart(parts=len(names), index=index, groups=groups)
-        refs = []
-        for param_name, param in module.named_parameters(recurse=False):
-            dim = weight_dim if param.dim() > 1 else 0
-            refs.append(ParamRef(f"{module_name}.{param_name}", module, param_name, dim=dim, part=part))
-        result.append((name, tuple(refs), ModuleOutput(part)))
-    return result
-
-
-def _gpt2_qkv(module_name: str, module: nn.Module, block: nn.Module) -> list:
-    # GPT-2's Conv1D stores weight as (in, out): q | k | v are column blocks of the weight.
-    return _fused_components(module_name, module, ("attn.q", "attn.k", "attn.v"), weight_dim=1, groups=1)
-
-
-def _neox_qkv(module_name: str, module: nn.Module, block: nn.Module) -> list:
-    # GPT-NeoX reshapes the fused output to (heads, 3 * head_size): q, k, v interleave per head.
-    head_size = getattr(getattr(block, "attention", None), "head_size", None)
-    out_features = module.weight.shape[0]
-    if not head_size:
-        raise ValueError(f"Cannot split fused q/k/v of {module_name!r}: its attention has no `head_size`.")
-    groups = out_features // (3 * head_size)
-    return _fused_components(module_name, module, ("attn.q", "attn.k", "attn.v"), weight_dim=0, groups=groups)
+def _all_params(module_name: str, module: nn.Module) -> tuple[ParamRef, ...]:
+    return tuple(ParamRef(f"{module_name}.{n}", module, n) for n, _ in module.named_parameters())
 
 
 def _attention_components(module_name: str, attention: nn.MultiheadAttention) -> list:
@@ -241,61 +269,18 @@ def _attention_components(module_name: str, attention: nn.MultiheadAttention) ->
     for index, name in enumerate(("attn.q", "attn.k", "attn.v")):
         refs = []
         if attention.in_proj_weight is not None:
-            part = FusedPart(parts=3, index=index)
+            part = FusedPart((embed, embed, embed), index)
             refs.append(ParamRef(f"{module_name}.in_proj_weight", attention, "in_proj_weight", 0, part))
         else:
             param_name = ("q_proj_weight", "k_proj_weight", "v_proj_weight")[index]
             refs.append(ParamRef(f"{module_name}.{param_name}", attention, param_name))
         if attention.in_proj_bias is not None:
-            assert attention.in_proj_bias.shape[0] == 3 * embed
-            refs.append(ParamRef(f"{module_name}.in_proj_bias", attention, "in_proj_bias", 0, FusedPart(3, index)))
+            part = FusedPart((embed, embed, embed), index)
+            refs.append(ParamRef(f"{module_name}.in_proj_bias", attention, "in_proj_bias", 0, part))
         result.append((name, tuple(refs), AttentionInputProjection(attention, index)))
     # out_proj's weights are applied functionally: its module hook never fires, the attention's output is o.
     result.append(("attn.o", _own_params(f"{module_name}.out_proj", attention.out_proj), ModuleOutput()))
     return result
-
-
-def _multihead_attention(module_name: str, module: nn.Module, block: nn.Module) -> list:
-    return _attention_components(module_name, module)
-
-
-_LLAMA: Rule = {
-    "self_attn.q_proj": "attn.q",
-    "self_attn.k_proj": "attn.k",
-    "self_attn.v_proj": "attn.v",
-    "self_attn.o_proj": "attn.o",
-    "mlp.up_proj": "mlp.up",
-    "mlp.gate_proj": "mlp.gate",
-    "mlp.down_proj": "mlp.down",
-}
-_GPT2: Rule = {"attn.c_attn": _gpt2_qkv, "attn.c_proj": "attn.o", "mlp.c_fc": "mlp.up", "mlp.c_proj": "mlp.down"}
-_GPT_NEOX: Rule = {
-    "attention.query_key_value": _neox_qkv,
-    "attention.dense": "attn.o",
-    "mlp.dense_h_to_4h": "mlp.up",
-    "mlp.dense_4h_to_h": "mlp.down",
-}
-_BERT: Rule = {
-    "attention.self.query": "attn.q",
-    "attention.self.key": "attn.k",
-    "attention.self.value": "attn.v",
-    "attention.output.dense": "attn.o",
-    "intermediate.dense": "mlp.up",
-    "output.dense": "mlp.down",
-}
-_TORCH_ENCODER: Rule = {"self_attn": _multihead_attention, "linear1": "mlp.up", "linear2": "mlp.down"}
-
-#: Known block layouts, by name. Llama covers Mistral, Qwen2/Qwen3, Gemma and other Llama-family models.
-ARCHITECTURES: dict[str, Rule] = {
-    "llama": _LLAMA,
-    "gpt2": _GPT2,
-    "gpt_neox": _GPT_NEOX,
-    "bert": _BERT,
-    "torch_transformer": _TORCH_ENCODER,
-}
-
-
-# --- Resolution ---------------------------------------------------------------------------------
 
 
 def _has_own_params(module: nn.Module) -> bool:
@@ -306,13 +291,8 @@ def _param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def find_layer_stack(model: nn.Module) -> tuple[str, list[tuple[str, nn.Module]]] | None:
-    """The largest ``ModuleList``/``Sequential`` of two or more blocks of one class, by parameter count.
-
-    Example:
-        >>> find_layer_stack(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))  # no repeated blocks
-    """
-    best: tuple[int, str, list[tuple[str, nn.Module]]] | None = None
+def _block_candidates(model: nn.Module) -> list[tuple[int, str, list[tuple[str, nn.Module]]]]:
+    candidates = []
     for name, module in model.named_modules():
         if not isinstance(module, (nn.ModuleList, nn.Sequential)):
             continue
@@ -320,95 +300,306 @@ def find_layer_stack(model: nn.Module) -> tuple[str, list[tuple[str, nn.Module]]
         if len(children) < 2 or len({type(child) for _, child in children}) != 1:
             continue
         size = _param_count(module)
-        if size > 0 and (best is None or size > best[0]):
-            best = (size, name, children)
-    return None if best is None else (best[1], best[2])
+        if size > 0:
+            candidates.append((size, name, children))
+    return candidates
+
+
+def find_layer_stack(model: nn.Module) -> tuple[str, list[tuple[str, nn.Module]]] | None:
+    """The largest ``ModuleList``/``Sequential`` of two or more blocks of one class, by parameter count.
+
+    Example:
+        >>> find_layer_stack(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))  # no repeated blocks
+    """
+    candidates = _block_candidates(model)
+    if not candidates:
+        return None
+    _, name, children = max(candidates, key=lambda candidate: candidate[0])
+    return name, children
+
+
+def find_block_stacks(model: nn.Module, share: float = 0.1) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
+    """Every outermost stack of repeated blocks holding at least ``share`` of the largest one's parameters,
+    in model order (an encoder-decoder model has two: the encoder's blocks and the decoder's).
+
+    Example:
+        >>> [name for name, _ in find_block_stacks(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))]
+        []
+    """
+    candidates = _block_candidates(model)
+    outermost = [c for c in candidates if not any(o[1] != c[1] and c[1].startswith(o[1] + ".") for o in candidates
+                                                   if o[1] != "")]
+    if not outermost:
+        return []
+    largest = max(size for size, _, _ in outermost)
+    return [(name, children) for size, name, children in outermost if size >= share * largest]
 
 
 def _without_compile_wrapper(name: str) -> str:
     """Drop wrapper segments (``torch.compile``'s ``_orig_mod``, FSDP1's ``_fsdp_wrapped_module``, activation
     checkpointing's ``_checkpoint_wrapped_module``): a wrapped block keeps its components' names."""
-    return re.sub(r"(^|\.)(_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)(?=\.|$)", "", name).lstrip(".")
+    pattern = "|".join(WRAPPER_SEGMENTS)
+    return re.sub(rf"(^|\.)({pattern})(?=\.|$)", "", name).lstrip(".")
 
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-def _rule_matches(rule: Rule, block: nn.Module) -> int:
-    names = {_without_compile_wrapper(n): m for n, m in block.named_modules()}
-    return sum(1 for key in rule if key in names and _has_own_params(names[key]))
+def find_config(model: nn.Module) -> Any:
+    """The Hugging Face config of ``model`` (its own, or the first submodule's with a ``model_type``), else None."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "model_type", None):
+            return config
+    return None
 
 
-def _components_of_block(
-    layer: int, prefix: str, block: nn.Module, rule: Rule | None
-) -> tuple[list[Component], list[str]]:
-    """Components of one block by ``rule`` (or every parameterised module when ``rule`` is None)."""
-    components: list[Component] = []
-    covered: set[str] = set()
+def _is_norm(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d)) or any(hint in name for hint in NORM_CLASS_HINTS)
+
+
+def _is_embedding(module: nn.Module) -> bool:
+    return isinstance(module, nn.Embedding) or "Embedding" in type(module).__name__
+
+
+def _weight_dim(module: nn.Module) -> int:
+    """The output-feature dimension of a linear-like module's weight (GPT-2's ``Conv1D`` stores ``(in, out)``)."""
+    return 1 if type(module).__name__ == "Conv1D" else 0
+
+
+def _owners(block: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """The parameterised units of a block, each once: ``(relative name, module, kind)``.
+
+    A peft-wrapped projection (its ``base_layer`` and adapters) is one unit, ``kind="adapter"``; so is an
+    ``nn.MultiheadAttention`` (``"mha"``); a module with a 3-D parameter is a fused experts unit
+    (``"experts"``); every other module with parameters of its own is ``"leaf"``.
+    """
     modules = {_without_compile_wrapper(n): m for n, m in block.named_modules()}
-    entries: list[tuple[str, Any]]
-    if rule is not None:
-        entries = [(key, value) for key, value in rule.items() if key in modules]
-    else:
-        entries = []
-        for rel, module in modules.items():
-            if isinstance(module, nn.MultiheadAttention):
-                entries.append((rel, _multihead_attention))
-            elif _has_own_params(module) and not any(rel.startswith(c + ".") for c, _ in entries):
-                entries.append((rel, rel or type(module).__name__.lower()))
-    for rel, how in entries:
-        module = modules[rel]
-        full = _join(prefix, rel)
-        if isinstance(how, str):
-            components.append(Component(layer, how, full, module, _own_params(full, module), ModuleOutput()))
+    owners: list[tuple[str, nn.Module, str]] = []
+    taken: list[str] = []
+    for rel, module in modules.items():
+        if any(rel == t or rel.startswith(t + ".") for t in taken):
+            continue
+        segments = rel.split(".") if rel else []
+        marker = next((i for i, segment in enumerate(segments) if segment in ADAPTER_SEGMENTS), None)
+        if marker is not None:
+            wrapper = ".".join(segments[:marker])
+            if not any(o[0] == wrapper for o in owners):
+                owners.append((wrapper, modules[wrapper], "adapter"))
+                taken.append(wrapper)
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+            owners.append((rel, module, "mha"))
+            taken.append(rel)
+        elif any(segment in ADAPTER_SEGMENTS for segment in (n.split(".")[0] for n, _ in module.named_children())):
+            owners.append((rel, module, "adapter"))
+            taken.append(rel)
+        elif _has_own_params(module):
+            kind = "experts" if any(p.dim() == 3 for p in module.parameters(recurse=False)) else "leaf"
+            owners.append((rel, module, kind))
+    return owners
+
+
+def _subtree(segments: list[str]) -> str:
+    """The component prefix of a leaf at ``segments``: ``attn``, ``xattn``, ``mlp``, ``mlp.experts``, ``mlp.shared`` or ``""``."""
+    found, position = "", len(segments)
+    for index, segment in enumerate(segments[:-1]):
+        if SUBTREES.get(segment) in ("attn", "xattn", "mlp"):
+            found, position = SUBTREES[segment], index
+            break
+    if found == "mlp":
+        for segment in segments[position + 1 :]:
+            if SUBTREES.get(segment) in ("mlp.experts", "mlp.shared"):
+                return SUBTREES[segment]
+    return found
+
+
+def _role(segments: list[str], prefix: str) -> str | None:
+    leaf = segments[-1]
+    table = LEAVES["mlp"] if prefix.startswith("mlp") else LEAVES["attn"] if prefix in ("attn", "xattn") else LEAVES[""]
+    role = table.get(leaf)
+    if role is None and prefix == "":
+        return LEAVES[""].get(leaf)
+    if role is None and leaf == "dense" and len(segments) > 1:
+        role = SEGMENT_ROLES.get(segments[-2])
+    return role
+
+
+def _fused_layout(kind: str, module: nn.Module, param: Tensor, config: Any, weight_dim: int) -> FusedLayout | None:
+    size = param.shape[weight_dim]
+    try:
+        if kind == "gate_up":
+            layout = ("gate", "up"), (size // 2, size // 2), 1
         else:
-            for name, refs, activation in how(full, module, block):
-                components.append(Component(layer, name, full, module, refs, activation))
-        covered.add(rel)
-    skipped = [
-        _join(prefix, rel)
-        for rel, module in modules.items()
-        if _has_own_params(module) and not any(rel == c or rel.startswith(c + ".") for c in covered)
-    ]
-    return components, skipped
+            model_type = getattr(config, "model_type", None) if config is not None else None
+            rule = FUSED_QKV_LAYOUTS.get(model_type or "", FUSED_QKV_LAYOUTS["default"])
+            if config is None:  # no config: equal thirds
+                layout = QKV, (size // 3,) * 3, 1
+            else:
+                layout = rule(config)
+    except (ValueError, TypeError, ZeroDivisionError):
+        return None
+    names, sizes, groups = layout
+    return layout if sum(sizes) * groups == size else None
+
+
+@dataclass
+class _Resolved:
+    components: list[Component] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def skip(self, name: str, reason: str) -> None:
+        self.skipped.append(name)
+        self.reasons[name] = reason
+
+
+def _fused_components(layer: int, full: str, module: nn.Module, owner_params: tuple[ParamRef, ...], prefix: str,
+                      layout: FusedLayout, weight_dim: int) -> list[Component]:
+    names, sizes, groups = layout
+    result = []
+    for index, name in enumerate(names):
+        part = FusedPart(sizes, index, groups)
+        refs = tuple(ParamRef(ref.name, ref.module, ref.attribute, weight_dim if ref.param.dim() > 1 else 0, part)
+                     for ref in owner_params)
+        result.append(Component(layer, f"{prefix}.{name}", full, module, refs, ModuleOutput(part)))
+    return result
+
+
+def _expert_components(layer: int, full: str, module: nn.Module, prefix: str, resolved: _Resolved) -> list[Component]:
+    """Experts fused into 3-D parameters ``[experts, out, in]``: one component per role, over all experts."""
+    result = []
+    for attribute, param in module.named_parameters(recurse=False):
+        role = EXPERT_PARAMETERS.get(attribute)
+        name = f"{full}.{attribute}"
+        if role is None or param.dim() != 3:
+            result.append(Component(layer, _join(prefix, attribute), full, module, (ParamRef(name, module, attribute),), None))
+            continue
+        if role == "fused:gate_up":
+            size = param.shape[1]
+            for index, part_name in enumerate(("gate", "up")):
+                part = FusedPart((size // 2, size // 2), index)
+                result.append(Component(layer, f"{prefix}.{part_name}", full, module,
+                                        (ParamRef(name, module, attribute, 1, part),), None))
+        else:
+            result.append(Component(layer, f"{prefix}.{role}", full, module, (ParamRef(name, module, attribute),), None))
+    return result
+
+
+def _resolve_block(layer: int, prefix: str, block: nn.Module, config: Any, resolved: _Resolved) -> None:
+    owners = _owners(block)
+    has_experts = any(kind == "experts" or "experts" in rel.split(".") for rel, _, kind in owners)
+    for rel, module, kind in owners:
+        full = _join(prefix, rel)
+        segments = rel.split(".") if rel else [type(module).__name__.lower()]
+        if kind == "mha":
+            for name, refs, activation in _attention_components(full, module):
+                resolved.components.append(Component(layer, name, full, module, refs, activation))
+            continue
+        base = module.get_submodule("base_layer") if kind == "adapter" and hasattr(module, "base_layer") else module
+        if kind != "adapter" and _is_norm(module):
+            resolved.skip(full, "norm")
+            continue
+        if kind != "adapter" and _is_embedding(module):
+            resolved.skip(full, "embedding")
+            continue
+        subtree = _subtree(segments)
+        params = _all_params(full, module) if kind == "adapter" else _own_params(full, module)
+        if kind == "experts":
+            resolved.components += _expert_components(layer, full, module, subtree if subtree == "mlp.experts" else
+                                                      _join(subtree, "experts") if subtree else "mlp.experts", resolved)
+            continue
+        if not any(ref.param.dim() >= 2 for ref in params):
+            resolved.skip(full, "no weight matrix")
+            continue
+        role = _role(segments, subtree)
+        if role is not None and role.startswith("fused:") and kind != "adapter":
+            weight_dim = _weight_dim(base)
+            weight = next(ref.param for ref in params if ref.param.dim() >= 2)
+            layout = _fused_layout(role.split(":")[1], module, weight, config, weight_dim)
+            if layout is not None:
+                resolved.components += _fused_components(layer, full, module, params, subtree, layout, weight_dim)
+                continue
+            role = "qkv" if role == "fused:qkv" else "gate_up"  # unknown layout: monitored whole, under its role
+        elif role is not None and role.startswith("fused:"):
+            role = role.split(":")[1]  # an adapter on a fused projection: monitored whole
+        if role is None:
+            name = rel or type(module).__name__.lower()
+        elif role == "router":
+            name = "mlp.router" if has_experts else f"{subtree}.gate"
+        elif role == "router.shared":
+            name = "mlp.shared.router"
+        elif "." in role:
+            name = role  # a block-level leaf with a full name (fc1 -> mlp.up)
+        else:
+            name = f"{subtree}.{role}" if subtree else role
+        resolved.components.append(Component(layer, name, full, module, params, ModuleOutput()))
+
+
+def _merge(components: list[Component]) -> list[Component]:
+    """One component per ``(layer, name)``: the experts of a ``ModuleList`` pool into one, exactly."""
+    merged: dict[tuple[int, str], Component] = {}
+    for component in components:
+        key = (component.layer, component.name)
+        if key not in merged:
+            merged[key] = component
+            continue
+        first = merged[key]
+        modules = tuple(dict.fromkeys((*first.hooked_modules, *component.hooked_modules)))
+        activation = first.activation if first.activation is not None and component.activation is not None else None
+        if activation is not None and (first.activation != ModuleOutput() or component.activation != ModuleOutput()):
+            activation = None  # parts of fused outputs of several modules: not one hookable output
+        merged[key] = Component(first.layer, first.name, first.module_name, first.module, first.params + component.params,
+                                activation, modules)
+    return list(merged.values())
 
 
 def _ordered_names(components: list[Component]) -> list[str]:
     seen: dict[str, None] = {}
     for component in components:
         seen.setdefault(component.name, None)
-    canonical = [name for name in CANONICAL_COMPONENTS if name in seen]
-    return canonical + [name for name in seen if name not in CANONICAL_COMPONENTS]
+    canonical = [name for name in COMPONENT_ORDER if name in seen]
+    return canonical + [name for name in seen if name not in COMPONENT_ORDER]
 
 
-def _resolve_automatic(model: nn.Module) -> tuple[list[Component], list[str], str, list[str] | None]:
-    stack = find_layer_stack(model)
-    if stack is None:
-        components = [
+def _stack_prefix(name: str, used: set[str]) -> str:
+    lowered = name.lower()
+    prefix = "enc" if "encoder" in lowered else "dec" if "decoder" in lowered else name.rsplit(".", 1)[-1] or "blocks"
+    while prefix in used:
+        prefix += "_"
+    used.add(prefix)
+    return prefix
+
+
+def _resolve_automatic(model: nn.Module, first_layer_index: int) -> tuple[_Resolved, str, list[str]]:
+    stacks = find_block_stacks(model)
+    resolved = _Resolved()
+    if not stacks:
+        parameterised = [(n, m) for n, m in model.named_modules() if _has_own_params(m)]
+        resolved.components = [
             Component(i, type(module).__name__, name, module, _own_params(name, module), ModuleOutput())
-            for i, (name, module) in enumerate((n, m) for n, m in model.named_modules() if _has_own_params(m))
+            for i, (name, module) in enumerate(parameterised)
         ]
-        return components, [], "no repeated blocks: one layer per parameterised module", [c.module_name for c in components]
-    stack_name, blocks = stack
-    first_block = blocks[0][1]
-    scores = {arch: _rule_matches(rule, first_block) for arch, rule in ARCHITECTURES.items()}
-    architecture = max(scores, key=scores.__getitem__)
-    rule: Rule | None = ARCHITECTURES[architecture]
-    if scores[architecture] < min(3, len(rule)):
-        architecture, rule = f"generic blocks of {type(first_block).__name__}", None
-    components, skipped = [], []
-    for layer, (child_name, block) in enumerate(blocks):
-        found, missed = _components_of_block(layer, _join(stack_name, child_name), block, rule)
-        components += found
-        skipped += missed
-    inside = {_join(stack_name, child_name) for child_name, _ in blocks}
-    skipped += [
-        name
-        for name, module in model.named_modules()
-        if _has_own_params(module) and not any(name == p or name.startswith(p + ".") for p in inside)
-    ]
-    return components, skipped, architecture, None
+        return resolved, "no repeated blocks: one layer per parameterised module", [c.module_name for c in resolved.components]
+    config = find_config(model)
+    labels: list[str] = []
+    used: set[str] = set()
+    for stack_name, blocks in stacks:
+        prefix = _stack_prefix(stack_name, used) if len(stacks) > 1 else ""
+        for number, (child_name, block) in enumerate(blocks):
+            labels.append(f"{prefix}.{number + first_layer_index}" if prefix else str(number + first_layer_index))
+            _resolve_block(len(labels) - 1, _join(stack_name, child_name), block, config, resolved)
+    resolved.components = _merge(resolved.components)
+    inside = [_join(stack_name, child_name) for stack_name, blocks in stacks for child_name, _ in blocks]
+    for name, module in model.named_modules():
+        name = _without_compile_wrapper(name)
+        if _has_own_params(module) and not any(name == p or name.startswith(p + ".") for p in inside):
+            resolved.skip(name, "embedding" if _is_embedding(module) else "norm" if _is_norm(module) else "outside the blocks")
+    model_type = getattr(config, "model_type", None) if config is not None else None
+    architecture = model_type or f"generic blocks of {type(stacks[0][1][0][1]).__name__}"
+    return resolved, architecture, labels
 
 
 def _layer_number(name: str, pattern: re.Match | None) -> int | None:
@@ -497,18 +688,17 @@ def resolve_layers(model: nn.Module, modules: ModuleSelection | None = None, fir
         >>> layer_map.layer_labels, layer_map.component_names
         (['1', '2', '3'], ['0', '2'])
     """
+    reasons: dict[str, str] = {}
     if modules is None:
-        components, skipped, architecture, labels = _resolve_automatic(model)
-        if labels is None:
-            count = 1 + max((c.layer for c in components), default=-1)
-            labels = [str(i + first_layer_index) for i in range(count)]
+        resolved, architecture, labels = _resolve_automatic(model, first_layer_index)
+        components, skipped, reasons = resolved.components, resolved.skipped, resolved.reasons
     else:
         components, skipped, position = _resolve_selected(model, modules)
         architecture = "user selection"
         labels = [str(number + first_layer_index) for number in position]
     if not components:
         raise ValueError(f"Found no module with parameters to monitor in {type(model).__name__}.")
-    return LayerMap(components, labels, _ordered_names(components), architecture, skipped)
+    return LayerMap(components, labels, _ordered_names(components), architecture, skipped, reasons)
 
 
 def iter_unique_params(layer_map: LayerMap) -> Iterator[nn.Parameter]:

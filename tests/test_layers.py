@@ -27,7 +27,7 @@ def test_llama_family_gets_all_seven_canonical_components():
         models.append(transformers.AutoModelForCausalLM.from_config(config))
     for model in models:
         layer_map = resolve_layers(model)
-        assert layer_map.architecture == "llama", type(model).__name__
+        assert layer_map.architecture == model.config.model_type, type(model).__name__
         assert layer_map.component_names == list(CANONICAL_COMPONENTS)
         assert len(layer_map.components) == 7 * layer_map.num_layers
         assert any("embed_tokens" in name for name in layer_map.skipped)
@@ -67,6 +67,8 @@ def test_gpt_neox_fused_qkv_is_interleaved_per_head():
 def test_bert_components():
     layer_map = resolve_layers(tiny_bert())
     assert layer_map.architecture == "bert"
+    assert layer_map.reasons["bert.encoder.layer.1.attention.output.LayerNorm"] == "norm"
+    assert layer_map.reasons["bert.embeddings.word_embeddings"] == "embedding"
     modules = {c.name: c.module_name for c in layer_map.components if c.layer == 1}
     assert modules["attn.o"].endswith("layer.1.attention.output.dense")
     assert modules["mlp.down"].endswith("layer.1.output.dense")
@@ -96,8 +98,9 @@ def test_generic_blocks_and_models_without_blocks():
     model.blocks = nn.ModuleList([Block() for _ in range(3)])
     layer_map = resolve_layers(model, first_layer_index=1)
     assert layer_map.layer_labels == ["1", "2", "3"]
-    assert layer_map.component_names == ["up", "norm", "down"]
-    assert layer_map.skipped == ["stem"]
+    assert layer_map.component_names == ["up", "down"]  # unknown names keep their path; norms are not weights
+    assert layer_map.skipped == ["blocks.0.norm", "blocks.1.norm", "blocks.2.norm", "stem"]
+    assert layer_map.reasons["blocks.0.norm"] == "norm" and layer_map.reasons["stem"] == "outside the blocks"
     flat = resolve_layers(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
     assert flat.layer_labels == ["0", "2"] and flat.num_layers == 2
 
@@ -129,4 +132,4 @@ def test_pattern_matching_nothing_lists_existing_names():
 def test_describe_reports_monitored_and_skipped():
     text = resolve_layers(tiny_llama(3)).describe()
     assert "3 layers x 7 components (21 monitored" in text
-    assert "model.layers.*.input_layernorm (x3)" in text
+    assert "model.layers.*.input_layernorm (x3) [norm]" in text and "model.embed_tokens [embedding]" in text
