@@ -1,12 +1,13 @@
 """Lightning callbacks that show, live in TensorBoard, what every layer of a transformer is doing."""
 
 from lightning_heatmaps.activation import ActivationHeatmap
+from lightning_heatmaps.expert import ExpertHeatmap
 from lightning_heatmaps.gradient import GradientHeatmap
 from lightning_heatmaps.intervention import InterventionHeatmap
 from lightning_heatmaps.layers import CANONICAL_COMPONENTS, LayerMap, resolve_layers
 from lightning_heatmaps.logit_lens import LogitLensHeatmap
 from lightning_heatmaps.probe import ProbeHeatmap
-from lightning_heatmaps.reductions import ACTIVATION_METRICS, GRADIENT_METRICS
+from lightning_heatmaps.reductions import ACTIVATION_METRICS, EXPERT_METRICS, GRADIENT_METRICS
 from lightning_heatmaps.render import heatmap_figure
 from lightning_heatmaps.ring_buffer import RingBuffer
 
@@ -14,6 +15,8 @@ __all__ = [
     "ACTIVATION_METRICS",
     "ActivationHeatmap",
     "CANONICAL_COMPONENTS",
+    "EXPERT_METRICS",
+    "ExpertHeatmap",
     "GRADIENT_METRICS",
     "GradientHeatmap",
     "InterventionHeatmap",

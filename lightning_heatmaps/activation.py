@@ -79,7 +79,6 @@ class ActivationHeatmap(HeatmapCallback):
         )
         self._handles: list[Any] = []
         self.unobservable: list[str] = []
-        self._collecting = False
         self._calls: list[list[list[Tensor]]] = []
         self._counts = np.zeros(0, dtype=np.int64)
 
@@ -135,19 +134,6 @@ class ActivationHeatmap(HeatmapCallback):
     def _begin_sample(self, trainer: pl.Trainer) -> None:
         self._calls = [[] for _ in self._calls]
         self._counts[:] = 0
-
-    @override
-    def _begin_micro_batch(self) -> None:
-        self._collecting = True
-
-    @override
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        # Forwards re-run during backward (activation checkpointing) must not count twice.
-        self._collecting = False
-
-    @override
-    def _end_micro_batch(self) -> None:
-        self._collecting = False
 
     @override
     def _collect(self, trainer: pl.Trainer) -> tuple[Tensor, np.ndarray | None] | None:

@@ -139,6 +139,7 @@ class HeatmapCallback(Callback):
         self._last_render_time = -math.inf
         self._warned_nonfinite: set[str] = set()
         self._active = False
+        self._collecting = False  # inside a sampled micro-batch's forward, before its backward
         #: Samples recorded, and CPU seconds the background writer spent on them (scalars, images, files).
         self.samples_recorded = 0
         self.background_cpu_seconds = 0.0
@@ -204,7 +205,7 @@ class HeatmapCallback(Callback):
         # Resolved here, not in `setup`: Lightning calls `configure_model` and then wraps or shards the model
         # (DDP, fully_shard, FSDP) after the callbacks' `setup`, and parameters are only final now.
         register_fsdp1_shards(pl_module)
-        layer_map = resolve_layers(pl_module, self.modules, self.first_layer_index)
+        layer_map = self._resolve(pl_module)
         self.layer_map = layer_map
         self._slot_layer = np.array([c.layer for c in layer_map.components])
         self._slot_component = np.array([layer_map.component_names.index(c.name) for c in layer_map.components])
@@ -291,6 +292,10 @@ class HeatmapCallback(Callback):
 
     # --- subclass interface ------------------------------------------------------------------
 
+    def _resolve(self, pl_module: pl.LightningModule) -> LayerMap:
+        """What this callback monitors: the model's layers and components (see :func:`resolve_layers`)."""
+        return resolve_layers(pl_module, self.modules, self.first_layer_index)
+
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layer_map: LayerMap) -> None:
         """Prepare collection (register hooks, allocate storage); may mark more cells of ``_missing``."""
 
@@ -305,10 +310,17 @@ class HeatmapCallback(Callback):
         """A sampled optimizer step starts (before its first micro-batch)."""
 
     def _begin_micro_batch(self) -> None:
-        """A micro-batch of the sampled step starts."""
+        """A micro-batch of the sampled step starts: forward hooks may collect (``self._collecting``)."""
+        self._collecting = True
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        # Forwards re-run during backward (activation checkpointing) must not count twice.
+        self._collecting = False
 
     def _end_micro_batch(self) -> None:
         """A micro-batch of the sampled step ended."""
+        self._collecting = False
 
     def _collect(self, trainer: pl.Trainer) -> tuple[torch.Tensor, np.ndarray | None] | None:
         """The sampled step's ``(statistics x slots)`` device tensor and per-slot element counts

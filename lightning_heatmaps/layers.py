@@ -327,8 +327,10 @@ def find_block_stacks(model: nn.Module, share: float = 0.1) -> list[tuple[str, l
         []
     """
     candidates = _block_candidates(model)
-    outermost = [c for c in candidates if not any(o[1] != c[1] and c[1].startswith(o[1] + ".") for o in candidates
-                                                   if o[1] != "")]
+    def inside(inner: str, outer: str) -> bool:
+        return inner != outer and (outer == "" or inner.startswith(outer + "."))
+
+    outermost = [c for c in candidates if not any(inside(c[1], o[1]) for o in candidates)]
     if not outermost:
         return []
     largest = max(size for size, _, _ in outermost)

@@ -63,6 +63,12 @@ GRADIENT_METRICS: dict[str, MetricDefinition] = {
     "weight_drift": MetricDefinition("weight_drift", "drift_sumsq", "initial_sumsq", root=True),
 }
 
+#: Mixture-of-experts metrics by name (``ExpertHeatmap(metrics=...)``), per layer x expert.
+EXPERT_METRICS: dict[str, MetricDefinition] = {
+    "token_share": MetricDefinition("expert_token_share", "routed", "tokens", root=False),
+    "grad_norm": MetricDefinition("expert_grad_norm", "grad_sumsq", None, root=True),
+}
+
 #: How per-call partial values of each activation statistic combine into the statistic.
 _PARTIAL_ORDER = {"sumsq": 2, "sumabs": 1, "maxabs": float("inf")}
 

@@ -1,0 +1,302 @@
+"""Every common Hugging Face family: canonical components, every trainable weight of every block covered,
+finite values after real training steps; fused, expert, encoder-decoder and LoRA splits against references."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_heatmaps import ActivationHeatmap, GradientHeatmap, resolve_layers
+from lightning_heatmaps.layers import find_block_stacks
+
+from conftest import TokenModel, make_trainer, token_loader
+from families import EXPECTED, FAMILIES, build
+
+
+def _coverage(model, layer_map):
+    """Share of each trainable weight matrix inside the block stacks covered by the monitored components."""
+    covered: dict[int, float] = {}
+    for component in layer_map.components:
+        for ref in component.params:
+            share = 1.0 if ref.part is None else ref.part.fraction[0] / ref.part.fraction[1]
+            covered[id(ref.param)] = covered.get(id(ref.param), 0.0) + share
+    result = {}
+    for stack, blocks in find_block_stacks(model):
+        for child, block in blocks:
+            for owner_name, owner in block.named_modules():
+                if isinstance(owner, nn.Embedding):
+                    continue
+                for name, param in owner.named_parameters(recurse=False):
+                    if param.requires_grad and param.dim() >= 2:
+                        result[f"{stack}.{child}.{owner_name}.{name}"] = covered.get(id(param), 0.0)
+    return result
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_is_mapped_whole_and_trains(tmp_path, family):
+    torch.manual_seed(0)
+    model = build(family)
+    layer_map = resolve_layers(model)
+    expected = EXPECTED[family]
+    assert [name for name in layer_map.component_names if name in expected] == list(expected)
+    assert set(layer_map.component_names) == set(expected), layer_map.component_names  # nothing left generic
+    coverage = _coverage(model, layer_map)
+    assert coverage and all(share == pytest.approx(1.0) for share in coverage.values()), coverage
+    if family in ("t5", "bart"):
+        assert layer_map.layer_labels == ["enc.0", "enc.1", "dec.0", "dec.1"]
+
+    trainer = make_trainer(tmp_path, [ActivationHeatmap(every_n_steps=1), GradientHeatmap(every_n_steps=1)], max_steps=2)
+    trainer.fit(TokenModel(model), token_loader(batches=2, batch_size=2, length=8))
+    for metric in ("activation_rms", "grad_norm"):
+        saved = np.load(os.path.join(trainer.logger.log_dir, "heatmaps", metric, "layer_x_component.npz"))
+        values, missing = saved["values"], saved["missing"]
+        assert np.isfinite(values[~missing]).all(), (metric, values)
+        assert np.isnan(values[missing]).all()
+        if metric == "grad_norm":
+            assert (values[~missing] > 0).all()  # every component trains
+            # grey only where a layer has no such component (an encoder block has no cross-attention)
+            assert not missing.any() or family in ("t5", "bart")
+
+
+def _component(layer_map, layer, name):
+    return next(c for c in layer_map.components if c.layer == layer and c.name == name)
+
+
+def _sumsq(component, tensor_of):
+    """Sum of squares of a component's slices of ``tensor_of(param)`` (the parameter, its gradient, ...)."""
+    return sum(float(ref.view(tensor_of(ref.param)).double().square().sum()) for ref in component.params)
+
+
+def _backward(model, length=6):
+    ids = torch.randint(0, 48, (2, length), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+
+
+def test_phi3_gqa_qkv_and_gate_up_split_as_phi3_splits_them():
+    model = build("phi3")  # 4 heads, 2 key-value heads of 8: qkv rows 32 | 16 | 16, gate_up rows 48 | 48
+    layer_map = resolve_layers(model)
+    attention, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    _backward(model)
+    qkv, gate_up = attention.qkv_proj.weight, mlp.gate_up_proj.weight
+    # Independent reference: Phi-3's own forward slices [q | k | v] at query_pos and chunks gate_up in two.
+    query_pos, kv = 4 * attention.head_dim, attention.num_key_value_heads * attention.head_dim
+    expected = {"attn.q": slice(0, query_pos), "attn.k": slice(query_pos, query_pos + kv),
+                "attn.v": slice(query_pos + kv, None)}
+    for name, rows in expected.items():
+        component = _component(layer_map, 1, name)
+        assert _sumsq(component, lambda p: p.grad) == pytest.approx(float(torch.linalg.vector_norm(qkv.grad[rows].double()) ** 2))
+        output = torch.randn(2, 3, qkv.shape[0])
+        torch.testing.assert_close(component.activation((), {}, output), output[..., rows])
+    gate, up = gate_up.grad.chunk(2, dim=0)
+    assert _sumsq(_component(layer_map, 1, "mlp.gate"), lambda p: p.grad) == pytest.approx(float(torch.linalg.vector_norm(gate.double()) ** 2))
+    assert _sumsq(_component(layer_map, 1, "mlp.up"), lambda p: p.grad) == pytest.approx(float(torch.linalg.vector_norm(up.double()) ** 2))
+
+
+@pytest.mark.parametrize("variant", [
+    ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2)),
+    ("falcon", dict(multi_query=True)),
+    ("falcon", dict(multi_query=False, new_decoder_architecture=False)),
+    ("bloom", {}),
+    ("gpt_bigcode", {}),
+    ("codegen", {}),
+])
+def test_fused_qkv_matches_the_models_own_split(variant):
+    family, overrides = variant
+    model = build(family, **overrides)
+    layer_map = resolve_layers(model)
+    block = model.transformer.h[0]
+    attention = getattr(block, "self_attention", None) or block.attn
+    fused = getattr(attention, "query_key_value", None) or getattr(attention, "c_attn", None) or attention.qkv_proj
+    out_features = fused.weight.shape[0]
+    # Feed one-hot output features through the model's own split: where each output row lands is its part.
+    marker = torch.arange(1, out_features + 1, dtype=torch.float32)[None, None]
+    if family == "falcon":
+        q, k, v = attention._split_heads(marker)
+    elif family == "bloom":
+        q, k, v = attention._reshape(marker)
+    elif family == "gpt_bigcode":
+        q, k, v = marker.split((attention.embed_dim, attention.kv_dim, attention.kv_dim), dim=-1)
+    else:  # CodeGen: 4 groups of [q | v | k]
+        local = attention.embed_dim // 4
+        q, v, k = marker.reshape(1, 1, 4, -1).split(local, dim=-1)
+    for name, part in (("attn.q", q), ("attn.k", k), ("attn.v", v)):
+        rows = sorted({int(x) - 1 for x in part.flatten().tolist()})
+        component = _component(layer_map, 0, name)
+        ours = component.params[0].view(fused.weight)
+        torch.testing.assert_close(ours.reshape(-1, fused.weight.shape[1]), fused.weight[rows])
+
+
+class OldStyleExpert(nn.Module):
+    def __init__(self, width=16, hidden=24):
+        super().__init__()
+        self.w1, self.w2, self.w3 = nn.Linear(width, hidden, bias=False), nn.Linear(hidden, width, bias=False), nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class OldStyleMoE(nn.Module):
+    """Mixtral before transformers 5: a router Linear and a ModuleList of experts (w1 gate, w3 up, w2 down)."""
+
+    def __init__(self, width=16, experts=4):
+        super().__init__()
+        self.gate = nn.Linear(width, experts, bias=False)
+        self.experts = nn.ModuleList(OldStyleExpert(width) for _ in range(experts))
+
+    def forward(self, x):
+        weights, chosen = torch.topk(self.gate(x).softmax(-1), 2, dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            mask = (chosen == e).any(-1)
+            if mask.any():
+                out[mask] += expert(x[mask]) * weights[mask][chosen[mask] == e][:, None]
+        return out
+
+
+class OldStyleBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.self_attn = nn.Module()
+        self.self_attn.q_proj = nn.Linear(16, 16)
+        self.block_sparse_moe = OldStyleMoE()
+
+    def forward(self, x):
+        return x + self.block_sparse_moe(x + self.self_attn.q_proj(x))
+
+
+def test_moe_experts_pool_exactly_in_both_storage_styles():
+    # transformers 5: experts fused into 3-D parameters [experts, out, in]; gate_up_proj rows are [gate | up].
+    model = build("mixtral")
+    layer_map = resolve_layers(model)
+    _backward(model)
+    experts = model.model.layers[0].mlp.experts
+    half = experts.gate_up_proj.shape[1] // 2
+    references = {"mlp.experts.gate": experts.gate_up_proj.grad[:, :half], "mlp.experts.up": experts.gate_up_proj.grad[:, half:],
+                  "mlp.experts.down": experts.down_proj.grad, "mlp.router": model.model.layers[0].mlp.gate.weight.grad}
+    for name, grad in references.items():
+        assert _sumsq(_component(layer_map, 0, name), lambda p: p.grad) == pytest.approx(float(torch.linalg.vector_norm(grad.double()) ** 2))
+    assert _component(layer_map, 0, "mlp.experts.up").activation is None  # computed inside one forward: no output to hook
+
+    # Older models: a ModuleList of experts, one component per role over all experts, hooks on every expert.
+    blocks = nn.ModuleList(OldStyleBlock() for _ in range(2))
+    layer_map = resolve_layers(blocks)
+    assert layer_map.component_names == ["attn.q", "mlp.router", "mlp.experts.up", "mlp.experts.gate", "mlp.experts.down"]
+    x = torch.randn(10, 16)
+    for block in blocks:
+        x = block(x)
+    x.square().sum().backward()
+    gate = _component(layer_map, 1, "mlp.experts.gate")
+    assert len(gate.hooked_modules) == 4
+    expected = sum(float(torch.linalg.vector_norm(e.w1.weight.grad.double()) ** 2) for e in blocks[1].block_sparse_moe.experts)
+    assert _sumsq(gate, lambda p: p.grad) == pytest.approx(expected)
+
+
+def test_t5_encoder_and_decoder_blocks_are_both_monitored(tmp_path):
+    model = build("t5")
+    layer_map = resolve_layers(model)
+    assert layer_map.layer_labels == ["enc.0", "enc.1", "dec.0", "dec.1"]
+    assert _component(layer_map, 1, "attn.q").module is model.encoder.block[1].layer[0].SelfAttention.q
+    assert _component(layer_map, 2, "xattn.o").module is model.decoder.block[0].layer[1].EncDecAttention.o
+    assert _component(layer_map, 3, "mlp.down").module is model.decoder.block[1].layer[2].DenseReluDense.wo
+    assert not any(c.layer < 2 and c.name.startswith("xattn") for c in layer_map.components)  # no cross-attention in the encoder
+    trainer = make_trainer(tmp_path, [GradientHeatmap(every_n_steps=1)], max_steps=1)
+    trainer.fit(TokenModel(model), token_loader(batches=1, batch_size=2, length=8))
+    from conftest import read_events
+    tags = set(read_events(trainer.logger.log_dir).Tags()["scalars"])
+    assert {"grad_norm/layer_enc_0/attn.q", "grad_norm/layer_dec_1/xattn.v", "grad_norm/layer_dec_1/all"} <= tags
+
+
+def test_lora_gradients_come_from_the_adapters(tmp_path):
+    peft = pytest.importorskip("peft")
+    from conftest import ReferenceGradients, read_events, scalar_series, tiny_llama
+
+    model = peft.get_peft_model(tiny_llama(2), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False))
+    layer_map = resolve_layers(model)
+    q = _component(layer_map, 1, "attn.q")
+    assert q.module is model.base_model.model.model.layers[1].self_attn.q_proj  # the wrapper: output = base + adapter
+    prefix = "model.base_model.model.model.layers.1"
+    adapters = {name: [(f"{prefix}.{path}.lora_{ab}.default.weight", lambda t: t) for ab in "AB"]
+                for name, path in (("q", "self_attn.q_proj"), ("v", "self_attn.v_proj"), ("up", "mlp.up_proj"))}
+    reference = ReferenceGradients(1, adapters)
+    callback = GradientHeatmap(every_n_steps=1, metrics=["grad_norm", "update_ratio"])
+    trainer = make_trainer(tmp_path, [callback, reference], max_steps=2)
+    trainer.fit(TokenModel(model), token_loader())
+    events = read_events(trainer.logger.log_dir)
+    for name, tag in (("q", "attn.q"), ("v", "attn.v"), ("up", "mlp.up")):
+        grads = scalar_series(events, f"grad_norm/layer_1/{tag}")
+        updates = scalar_series(events, f"update_ratio/layer_1/{tag}")
+        for step in (0, 1):
+            assert grads[step] == pytest.approx(math.sqrt(reference.grad_sq[step][name]), rel=1e-4)
+            # update_ratio is relative to the adapter weights, the only ones that move
+            assert updates[step] == pytest.approx(math.sqrt(reference.update_sq[step][name] / reference.weight_sq[step][name]), rel=1e-4)
+    tags = set(events.Tags()["scalars"])
+    assert "grad_norm/layer_1/attn.k" not in tags and "grad_norm/layer_1/mlp.down" not in tags  # frozen: no scalar
+    saved = np.load(os.path.join(trainer.logger.log_dir, "heatmaps", "grad_norm", "layer_x_component.npz"))
+    column = list(saved["component_labels"]).index("attn.k")
+    assert saved["missing"][1, column] and np.isnan(saved["values"][1, column])
+
+
+def test_expert_heatmap_token_share_and_grad_norm_against_references(tmp_path):
+    from lightning.pytorch.callbacks import Callback
+
+    from conftest import ReferenceGradients, read_events, scalar_series
+    from lightning_heatmaps import ExpertHeatmap
+
+    torch.manual_seed(0)
+    model = TokenModel(build("mixtral"))
+    layers = model.model.model.layers
+
+    class Routing(Callback):
+        """Independent count: top-2 of softmax(x W_router^T) from the router's input, per sampled step."""
+
+        def __init__(self):
+            self.share, self.step = {}, None
+
+        def on_train_start(self, trainer, pl_module):
+            for index, layer in enumerate(layers):
+                def hook(module, args, output, index=index):
+                    if self.step is None:
+                        return
+                    x = args[0].reshape(-1, module.weight.shape[1])
+                    chosen = torch.topk(torch.softmax(x @ module.weight.T, -1), 2, dim=-1).indices
+                    counts = torch.bincount(chosen.flatten(), minlength=4).double() / x.shape[0]
+                    self.share.setdefault(self.step, {})[index] = counts
+                layer.mlp.gate.register_forward_hook(hook)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.step = trainer.global_step
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            self.step = None
+
+    prefix = "model.model.layers.{}.mlp.experts"
+    targets = {f"{layer}/{e}": [(f"{prefix.format(layer)}.gate_up_proj", lambda t, e=e: t[e]),
+                                (f"{prefix.format(layer)}.down_proj", lambda t, e=e: t[e])] for layer in range(2) for e in range(4)}
+    routing, gradients = Routing(), ReferenceGradients(1, targets)
+    trainer = make_trainer(tmp_path, [ExpertHeatmap(every_n_steps=1), routing, gradients], max_steps=2)
+    trainer.fit(model, token_loader(batches=2, batch_size=2, length=8))
+    events = read_events(trainer.logger.log_dir)
+    for step in (0, 1):
+        for layer in range(2):
+            for expert in range(4):
+                share = scalar_series(events, f"expert_token_share/layer_{layer}/{expert}")[step]
+                assert share == pytest.approx(float(routing.share[step][layer][expert]), abs=1e-6)
+                norm = scalar_series(events, f"expert_grad_norm/layer_{layer}/{expert}")[step]
+                assert norm == pytest.approx(math.sqrt(gradients.grad_sq[step][f"{layer}/{expert}"]), rel=1e-4)
+            assert sum(scalar_series(events, f"expert_token_share/layer_{layer}/{e}")[step] for e in range(4)) == pytest.approx(2.0)
+
+
+def test_expert_heatmap_with_a_module_list_of_experts():
+    from lightning_heatmaps.expert import resolve_experts
+
+    blocks = nn.ModuleList(OldStyleBlock() for _ in range(2))
+    layer_map, routers, top_k = resolve_experts(blocks)
+    assert layer_map.layer_labels == ["0", "1"] and layer_map.component_names == ["0", "1", "2", "3"]
+    assert routers[1] is blocks[1].block_sparse_moe.gate
+    expert = next(c for c in layer_map.components if c.layer == 1 and c.name == "2")
+    assert {ref.param for ref in expert.params} == set(blocks[1].block_sparse_moe.experts[2].parameters())
+    with pytest.raises(ValueError, match="ExpertHeatmap found no mixture-of-experts layer"):
+        resolve_experts(build("llama"))
