@@ -202,11 +202,22 @@ def test_t5_encoder_and_decoder_blocks_are_both_monitored(tmp_path):
     assert _component(layer_map, 2, "xattn.o").module is model.decoder.block[0].layer[1].EncDecAttention.o
     assert _component(layer_map, 3, "mlp.down").module is model.decoder.block[1].layer[2].DenseReluDense.wo
     assert not any(c.layer < 2 and c.name.startswith("xattn") for c in layer_map.components)  # no cross-attention in the encoder
-    trainer = make_trainer(tmp_path, [GradientHeatmap(every_n_steps=1)], max_steps=1)
-    trainer.fit(TokenModel(model), token_loader(batches=1, batch_size=2, length=8))
-    from conftest import read_events
-    tags = set(read_events(trainer.logger.log_dir).Tags()["scalars"])
+    from conftest import ReferenceGradients, read_events, scalar_series
+
+    targets = {"enc.1 attn.q": [("model.encoder.block.1.layer.0.SelfAttention.q.weight", lambda t: t)],
+               "dec.0 xattn.o": [("model.decoder.block.0.layer.1.EncDecAttention.o.weight", lambda t: t)],
+               "dec.1 mlp.down": [("model.decoder.block.1.layer.2.DenseReluDense.wo.weight", lambda t: t)]}
+    reference = ReferenceGradients(1, targets)
+    trainer = make_trainer(tmp_path, [GradientHeatmap(every_n_steps=1), reference], max_steps=2)
+    trainer.fit(TokenModel(model), token_loader(batches=2, batch_size=2, length=8))
+    events = read_events(trainer.logger.log_dir)
+    tags = set(events.Tags()["scalars"])
     assert {"grad_norm/layer_enc_0/attn.q", "grad_norm/layer_dec_1/xattn.v", "grad_norm/layer_dec_1/all"} <= tags
+    for key, tag in (("enc.1 attn.q", "layer_enc_1/attn.q"), ("dec.0 xattn.o", "layer_dec_0/xattn.o"),
+                     ("dec.1 mlp.down", "layer_dec_1/mlp.down")):
+        for step in (0, 1):
+            expected = math.sqrt(reference.grad_sq[step][key])
+            assert scalar_series(events, f"grad_norm/{tag}")[step] == pytest.approx(expected, rel=1e-4), (key, step)
 
 
 def test_lora_gradients_come_from_the_adapters(tmp_path):
@@ -300,3 +311,27 @@ def test_expert_heatmap_with_a_module_list_of_experts():
     assert {ref.param for ref in expert.params} == set(blocks[1].block_sparse_moe.experts[2].parameters())
     with pytest.raises(ValueError, match="ExpertHeatmap found no mixture-of-experts layer"):
         resolve_experts(build("llama"))
+
+
+@pytest.mark.parametrize("family", sorted(f for f in FAMILIES if f not in ("gpt2", "opt", "falcon", "bloom", "t5", "bart")))
+def test_every_projection_in_the_configs_tensor_parallel_plan_is_monitored_canonically(family):
+    """Many configs name their block's projections in ``base_model_tp_plan``: a cross-check of the vocabulary."""
+    model = build(family)
+    plan = getattr(model.config, "base_model_tp_plan", None) or {}
+    layer_map = resolve_layers(model)
+    by_module = {}
+    for component in layer_map.components:
+        by_module.setdefault(component.module_name, set()).add(component.name)
+    for pattern in plan:
+        if "layers.*." not in pattern or pattern.endswith(("norm", "_norm")):
+            continue
+        suffix = pattern.split("layers.*.", 1)[1]
+        if not any(name.endswith(f"layers.0.{suffix}") for name, _ in model.named_modules()) and not any(
+                name.endswith(f"layers.0.{suffix}") for name, _ in model.named_parameters()):
+            continue  # planned for a kind of layer this model does not have (dense layers of an MoE family)
+        names = {name for module, found in by_module.items() if module.endswith(f"layers.0.{suffix}") for name in found}
+        if not names:  # a parameter of a fused experts module (mlp.experts.gate_up_proj)
+            module, attribute = suffix.rsplit(".", 1)
+            names = {c.name for c in layer_map.components if c.layer == 0 and c.module_name.endswith(f"layers.0.{module}")
+                     and any(ref.attribute == attribute for ref in c.params)}
+        assert names and all(name.startswith(("attn.", "mlp.")) for name in names), (pattern, names)
