@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_heatmaps.layers import ParamRef
+from lightning_heatmaps.reductions import squared_norms
 
 
 def _dtensor_class() -> type | None:
@@ -291,6 +292,61 @@ def plan_slices(refs: Sequence[ParamRef], world: int) -> list[LocalSlice]:
         device = param.to_local().device
         slices.append(LocalSlice(how, ref, dim, start, length, None if index is None else index.to(device), weight))
     return slices
+
+
+class SlotSquares:
+    """Per-slot sums of squares of monitored parameter slices, as this rank holds them.
+
+    Planned once (at fit start) from ``refs`` and the slot each belongs to. A read takes one local tensor
+    per distinct parameter (the parameter, its gradient, an update, in :meth:`params` order) and returns
+    the per-slot sums with one grouped kernel, on the device. Under sharding (:attr:`sharded`) each rank's
+    sums are its own share, to be added over ranks; otherwise each ref counts ``replicated_weight`` times
+    (1 when one rank reads alone, ``1 / world`` when every rank adds the same value).
+
+    Example:
+        >>> from lightning_heatmaps.layers import ParamRef
+        >>> layer = nn.Linear(2, 2)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.fill_(1.0), layer.bias.fill_(2.0)
+        >>> squares = SlotSquares([ParamRef("w", layer, "weight"), ParamRef("b", layer, "bias")], [0, 1], 2)
+        >>> [round(v, 4) for v in squares.sums(squares.local(lambda param: param.detach())).tolist()]
+        [4.0, 8.0]
+    """
+
+    def __init__(self, refs: Sequence[ParamRef], ref_slots: Sequence[int], slot_count: int,
+                 replicated_weight: float = 1.0) -> None:
+        keys: dict[tuple[int, str], int] = {}
+        # Several refs can slice one parameter (fused q/k/v, experts): each parameter is read once.
+        self._ref_param = [keys.setdefault((id(ref.module), ref.attribute), len(keys)) for ref in refs]
+        self._param_refs = list({index: ref for ref, index in zip(refs, self._ref_param)}.values())
+        self.sharded = is_sharded_model(refs)
+        self._slices = plan_slices(refs, distributed_world()) if self.sharded else [
+            LocalSlice("view", ref, weight=replicated_weight) for ref in refs]
+        self.device = local_tensor(refs[0].param).device
+        self._ref_slot = torch.tensor(list(ref_slots), device=self.device)
+        weights = [piece.weight for piece in self._slices]
+        self._ref_weight = None if all(w == 1.0 for w in weights) else torch.tensor(weights, device=self.device)
+        self.slot_count = slot_count
+
+    def params(self) -> list[Tensor]:
+        """The distinct monitored parameters, as their modules hold them now."""
+        return [ref.param for ref in self._param_refs]
+
+    def local(self, tensor_of: Any) -> list[Tensor]:
+        """``tensor_of(param)`` for each distinct parameter, as this rank holds it (``None`` reads as zeros)."""
+        result = []
+        for param in self.params():
+            tensor = tensor_of(param)
+            result.append(local_tensor(tensor) if tensor is not None else torch.zeros_like(local_tensor(param.detach())))
+        return result
+
+    def sums(self, per_param: Sequence[Tensor]) -> Tensor:
+        """Per-slot sums of squares of this rank's share of each ref's slice of the per-parameter tensors."""
+        per_ref = squared_norms([piece.take(per_param[index]) for piece, index in zip(self._slices, self._ref_param)])
+        if self._ref_weight is not None:
+            per_ref = per_ref * self._ref_weight
+        totals = torch.zeros(self.slot_count, dtype=per_ref.dtype, device=per_ref.device)
+        return totals.index_add_(0, self._ref_slot, per_ref)
 
 
 # --- Pooling ------------------------------------------------------------------------------------

@@ -13,17 +13,15 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_heatmaps.base import HeatmapCallback
-from lightning_heatmaps.distributed import (
-    LocalSlice, distributed_world, global_shape, is_sharded_model, local_tensor, plan_slices, sum_over_ranks,
-)
+from lightning_heatmaps.distributed import SlotSquares, distributed_world, global_shape, sum_over_ranks
 from lightning_heatmaps.layers import Component, FusedPart, LayerMap, ParamRef, find_config, resolve_layers
-from lightning_heatmaps.reductions import EXPERT_METRICS, squared_norms
+from lightning_heatmaps.reductions import EXPERT_METRICS
 
 
 def resolve_experts(model: nn.Module, first_layer_index: int = 0) -> tuple[LayerMap, list[nn.Module], list[Any]]:
     """Layers with experts, as a :class:`LayerMap` whose components are the experts (``0``, ``1``, ...).
 
-    Returns ``(layer map, one router module per layer, how each router's output gives the chosen experts)``.
+    Returns ``(layer map, one router module per layer, each layer's top-k)``.
     Each expert component holds that expert's slice of every expert parameter (3-D ``[experts, ...]``
     parameters, transformers 5) or the parameters of its module (a ``ModuleList`` of experts).
 
@@ -115,6 +113,7 @@ class ExpertHeatmap(HeatmapCallback):
             None, first_layer_index, cmap, log_scale, color_limits, per_component_images, name,
         )
         self._handles: list[Any] = []
+        self._squares: SlotSquares  # planned at fit start
         self._routed: list[tuple[int, Tensor, Tensor]] = []
         self._read = False
         self._grad_sumsq: Tensor | None = None
@@ -127,17 +126,14 @@ class ExpertHeatmap(HeatmapCallback):
     @override
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layer_map: LayerMap) -> None:
         self._experts = len(layer_map.component_names)
-        self._layers = layer_map.num_layers
         self._slot_of = {(c.layer, int(c.name)): slot for slot, c in enumerate(layer_map.components)}
-        refs = [ref for component in layer_map.components for ref in component.params]
-        self._refs = refs
-        self._ref_slot_list = [slot for slot, component in enumerate(layer_map.components) for _ in component.params]
         self._counts = np.array([sum(ref.numel_of(global_shape(ref.param)) for ref in c.params) for c in layer_map.components])
         self._world = distributed_world()
-        # Every rank reads its share and one all-reduce adds them up: a replicated (DDP) value is counted 1/world
-        # times on each rank, a sharded (FSDP) one is each rank's own shard.
-        self._slices = plan_slices(refs, self._world) if is_sharded_model(refs) else [
-            LocalSlice("view", ref, weight=1.0 / self._world) for ref in refs]
+        # Every rank reads its share and one all-reduce adds them up (the routing counts need it anyway): a
+        # replicated (DDP) value counts 1/world on each rank, a sharded (FSDP) one is each rank's own shard.
+        slots = [slot for slot, component in enumerate(layer_map.components) for _ in component.params]
+        refs = [ref for component in layer_map.components for ref in component.params]
+        self._squares = SlotSquares(refs, slots, len(layer_map.components), replicated_weight=1.0 / self._world)
         self._handles = [router.register_forward_hook(self._router_hook(layer)) for layer, router in enumerate(self._routers)]
 
     def _router_hook(self, layer: int) -> Any:
@@ -172,20 +168,12 @@ class ExpertHeatmap(HeatmapCallback):
         if self._sample_step is None or self._read or not self._active or "grad_sumsq" not in self._statistics:
             return
         self._read = True
-        locals_ = []
-        for piece in self._slices:
-            param = piece.ref.param
-            grad = local_tensor(param.grad) if param.grad is not None else torch.zeros_like(local_tensor(param.detach()))
-            locals_.append(piece.take(grad))
-        per_ref = squared_norms(locals_) * torch.tensor([p.weight for p in self._slices], device=locals_[0].device)
-        sums = torch.zeros(len(self._counts), dtype=per_ref.dtype, device=per_ref.device)
-        self._grad_sumsq = sums.index_add_(0, torch.tensor(self._ref_slot_list, device=per_ref.device), per_ref)
+        self._grad_sumsq = self._squares.sums(self._squares.local(lambda param: param.grad))
 
     @override
     def _collect(self, trainer: pl.Trainer) -> tuple[Tensor, np.ndarray] | None:
         self._collecting = False
-        slots = len(self._counts)
-        device = self._grad_sumsq.device if self._grad_sumsq is not None else (self._routed[0].device if self._routed else "cpu")
+        slots, device = len(self._counts), self._squares.device
         routed = torch.zeros(slots, device=device)
         tokens = torch.zeros(slots, device=device)
         for layer, counts, layer_tokens in self._routed:

@@ -260,7 +260,7 @@ class RunOutputs:
 
     def add_chart_layout(self, categories: Mapping[str, Mapping[str, list[str]]]) -> None:
         """Declare a custom-scalars layout (TensorBoard only, from the background writer)."""
-        sinks = [sink for sink in self._background]
+        sinks = list(self._background)
         self.submit(lambda: [sink.add_chart_layout(categories) for sink in sinks])
 
     def publish_image(self, metric: str, name: str, rgb: np.ndarray, arrays: Mapping[str, Any], step: int) -> None:

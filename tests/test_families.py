@@ -335,3 +335,14 @@ def test_every_projection_in_the_configs_tensor_parallel_plan_is_monitored_canon
             names = {c.name for c in layer_map.components if c.layer == 0 and c.module_name.endswith(f"layers.0.{module}")
                      and any(ref.attribute == attribute for ref in c.params)}
         assert names and all(name.startswith(("attn.", "mlp.")) for name in names), (pattern, names)
+
+
+def test_expert_heatmap_token_share_alone(tmp_path):
+    from conftest import read_events, scalar_series
+    from lightning_heatmaps import ExpertHeatmap
+
+    trainer = make_trainer(tmp_path, [ExpertHeatmap(every_n_steps=1, metrics="token_share")], max_steps=2)
+    trainer.fit(TokenModel(build("qwen3_moe")), token_loader(batches=2, batch_size=2, length=8))
+    events = read_events(trainer.logger.log_dir)
+    for step in (0, 1):
+        assert sum(scalar_series(events, f"expert_token_share/layer_1/{e}")[step] for e in range(4)) == pytest.approx(2.0)
