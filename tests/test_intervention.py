@@ -28,6 +28,15 @@ def _evaluate(callback, model, tmp_path):
         return callback._evaluate(model).images[0].values
 
 
+def block_subject_to_last(module, args, kwargs):
+    """Attention pre-hook: the causal mask with the subject -> last-token edges of PROMPT removed."""
+    subject, last = list(range(*SPAN)), len(PROMPT) - 1
+    mask = torch.full((len(PROMPT), len(PROMPT)), torch.finfo(torch.float32).min).triu(1)
+    mask[last, subject] = torch.finfo(torch.float32).min
+    kwargs["attention_mask"] = mask[None, None]
+    return args, kwargs
+
+
 def _next_token(lm, ids, block_hooks=(), attention_hooks=()):
     handles = [lm.model.layers[i].register_forward_hook(h) for i, h in block_hooks]
     handles += [lm.model.layers[i].self_attn.register_forward_pre_hook(h, with_kwargs=True) for i, h in attention_hooks]
@@ -61,12 +70,6 @@ def test_each_site_equals_a_manual_patched_forward(tmp_path):
             states[0, positions] += noise[positions]
             return states if torch.is_tensor(output) else (states, *output[1:])
         return hook
-
-    def block_subject_to_last(module, args, kwargs):
-        mask = torch.full((len(PROMPT), len(PROMPT)), torch.finfo(torch.float32).min).triu(1)
-        mask[last, subject] = torch.finfo(torch.float32).min
-        kwargs["attention_mask"] = mask[None, None]
-        return args, kwargs
 
     for layer in range(2):
         subj = _next_token(lm, PROMPT, [(layer, add_noise(subject))])
@@ -118,13 +121,6 @@ def test_window_blocks_exactly_window_layers(tmp_path, window):
     values = _evaluate(InterventionHeatmap([PROMPT], [SPAN], window=window), model, tmp_path)
     lm = model.model
     clean = _next_token(lm, PROMPT)
-    subject, last = list(range(*SPAN)), len(PROMPT) - 1
-
-    def block_subject_to_last(module, args, kwargs):
-        mask = torch.full((len(PROMPT), len(PROMPT)), torch.finfo(torch.float32).min).triu(1)
-        mask[last, subject] = torch.finfo(torch.float32).min
-        kwargs["attention_mask"] = mask[None, None]
-        return args, kwargs
 
     for layer in range(4):
         # Documented: layers layer - window // 2 .. layer + (window - 1) // 2, clipped (window 2: layer - 1 and layer).

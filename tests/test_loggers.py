@@ -59,9 +59,9 @@ def _csv_series(path: str) -> dict[str, dict[int, float]]:
     return series
 
 
-def _tensorboard_series(log_dir: str) -> dict[str, dict[int, float]]:
+def _tensorboard_series(log_dir: str, prefixes: tuple[str, ...] = PREFIXES) -> dict[str, dict[int, float]]:
     events = read_events(log_dir)
-    return {tag: scalar_series(events, tag) for tag in events.Tags()["scalars"] if tag.startswith(PREFIXES)}
+    return {tag: scalar_series(events, tag) for tag in events.Tags()["scalars"] if tag.startswith(prefixes)}
 
 
 def _wandb_history(run_file: str) -> list[dict[str, str]]:
@@ -181,12 +181,7 @@ def test_summary_writer_takes_events_from_several_threads(tmp_path):
     for thread in threads:
         thread.join()
     writer.close()
-    series = _tensorboard_series_all(str(tmp_path))
+    series = _tensorboard_series(str(tmp_path), prefixes=("",))
     assert series["main"] == {step: step for step in range(300)}
     for i in range(3):
         assert series[f"thread{i}/b"] == {step: -step for step in range(300)}
-
-
-def _tensorboard_series_all(log_dir: str) -> dict[str, dict[int, float]]:
-    events = read_events(log_dir)
-    return {tag: scalar_series(events, tag) for tag in events.Tags()["scalars"]}
