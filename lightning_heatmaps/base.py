@@ -29,6 +29,7 @@ from lightning_heatmaps.reductions import ALL_COMPONENTS, MetricDefinition, metr
 from lightning_heatmaps.render import metric_images
 from lightning_heatmaps.ring_buffer import POLICIES, RingBuffer
 from lightning_heatmaps.sinks import RunOutputs, check_distinct_outputs, check_output_name, open_run_outputs
+from lightning_heatmaps_tensorboard.metadata import matrix_content, matrix_tag
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
@@ -51,6 +52,8 @@ class HeatmapCallback(Callback):
 
     METRICS: ClassVar[dict[str, MetricDefinition]] = {}
     STATISTICS: ClassVar[tuple[str, ...]] = ()
+    #: What a column is (``component``, ``expert``): the axis name of the dashboard's matrices.
+    COLUMN_AXIS: ClassVar[str] = "component"
 
     def __init__(
         self,
@@ -211,6 +214,7 @@ class HeatmapCallback(Callback):
         self._slot_component = np.array([layer_map.component_names.index(c.name) for c in layer_map.components])
         self._missing = np.ones((layer_map.num_layers, len(layer_map.component_names)), dtype=bool)
         self._missing[self._slot_layer, self._slot_component] = False
+        self._frozen = np.zeros_like(self._missing)  # missing because no parameter of it trains
         shape = (layer_map.num_layers, len(layer_map.component_names) + 1)
         self._buffers = {d.name: RingBuffer(self.capacity, shape, self.history) for d in self._definitions}
         if self._loaded_state is not None:
@@ -229,6 +233,7 @@ class HeatmapCallback(Callback):
             self._outputs.add_chart_layout(layout)
         check_tensor_placement([ref for component in layer_map.components for ref in component.params], type(self).__name__)
         self._attach(trainer, pl_module, layer_map)
+        self._matrix_contents = self._dashboard_contents(layer_map) if self._outputs.active else {}
         rank_zero_info(f"{type(self).__name__} ({', '.join(self.metric_names)}) monitors {layer_map.describe()}{self._describe()}")
         self._active = True
 
@@ -289,6 +294,23 @@ class HeatmapCallback(Callback):
         self._submit_render(force=True)
         if self._outputs is not None:
             self._outputs.flush()
+
+    def _dashboard_contents(self, layer_map: LayerMap) -> dict[str, tuple[str, bytes]]:
+        """Each metric's dashboard tag and the JSON content its matrices carry (labels, missing cells)."""
+        columns = [*layer_map.component_names, ALL_COMPONENTS]
+        missing = [
+            (int(layer), int(column), "frozen" if self._frozen[layer, column] else "not monitored")
+            for layer, column in zip(*np.nonzero(self._missing))
+        ]
+        return {
+            definition.name: (matrix_tag(definition.name), matrix_content(
+                callback=type(self).__name__, metric=definition.name, kind=f"layer_x_{self.COLUMN_AXIS}",
+                row_labels=layer_map.layer_labels, column_labels=columns, column_axis=self.COLUMN_AXIS,
+                log_scale=self.style["log_scale"], color_limits=self.style["color_limits"], pooled_column=True,
+                missing=missing, every_n_steps=self.every_n_steps,
+            ))
+            for definition in self._definitions
+        }
 
     # --- subclass interface ------------------------------------------------------------------
 
@@ -368,6 +390,7 @@ class HeatmapCallback(Callback):
         statistics = {name: values[i] for i, name in enumerate(self._statistics)}
         statistics["count"] = counts
         scalars: dict[str, float] = {}
+        matrices: dict[str, tuple[np.ndarray, bytes]] = {}
         components = [*layer_map.component_names, ALL_COMPONENTS]
         ran = np.zeros(self._missing.shape, dtype=bool)
         ran[self._slot_layer[counts > 0], self._slot_component[counts > 0]] = True
@@ -377,6 +400,9 @@ class HeatmapCallback(Callback):
                 layer_map.num_layers, len(layer_map.component_names),
             )
             self._buffers[definition.name].append(sample.step, table)
+            if definition.name in self._matrix_contents:
+                tag, content = self._matrix_contents[definition.name]
+                matrices[tag] = (table, content)
             self._check_finite(definition.name, sample.step, table, ran)
             for layer, tag in enumerate(self._layer_tags):
                 for column, component in enumerate(components):
@@ -384,6 +410,7 @@ class HeatmapCallback(Callback):
                         scalars[f"{definition.name}/{tag}/{component}"] = float(table[layer, column])
         if self._outputs is not None:
             self._outputs.log_scalars(scalars, sample.step)  # on the training thread, see RunOutputs
+            self._outputs.log_matrices(matrices, sample.step)  # the dashboard's, at every sample
         self.samples_recorded += 1
         self._samples_since_render += 1
         self._submit_render(force=False)
@@ -417,12 +444,13 @@ class HeatmapCallback(Callback):
         snapshots = {name: buffer.ordered() for name, buffer in self._buffers.items() if len(buffer)}
         labels, names, missing = list(self.layer_map.layer_labels), list(self.layer_map.component_names), self._missing.copy()
         outputs, style, per_component = self._outputs, dict(self.style), self.per_component_images
+        column_axis = self.COLUMN_AXIS
 
         def render() -> None:
             for metric, (steps, history) in snapshots.items():
                 images = metric_images(
                     metric, steps, history, layer_labels=labels, component_names=names, missing=missing,
-                    per_component=per_component, **style,
+                    per_component=per_component, column_axis=column_axis, **style,
                 )
                 for image_name, rgb, arrays in images:
                     outputs.publish_image(metric, image_name, rgb, arrays, int(steps[-1]))

@@ -92,6 +92,7 @@ class ExpertHeatmap(HeatmapCallback):
 
     METRICS = EXPERT_METRICS
     STATISTICS = ("routed", "tokens", "grad_sumsq")
+    COLUMN_AXIS = "expert"
 
     def __init__(
         self,

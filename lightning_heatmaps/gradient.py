@@ -86,6 +86,7 @@ class GradientHeatmap(HeatmapCallback):
             if component.params and not trainable:
                 self.frozen.append(f"{layer_map.layer_labels[component.layer]}/{component.name}")
                 self._missing[self._slot_layer[slot], self._slot_component[slot]] = True
+                self._frozen[self._slot_layer[slot], self._slot_component[slot]] = True
             refs += trainable
             slots += [slot] * len(trainable)
         self._counts = np.zeros(len(layer_map.components), dtype=np.int64)

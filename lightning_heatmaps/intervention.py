@@ -201,6 +201,6 @@ class InterventionHeatmap(LensCallback):
             total = cells if total is None else total + cells
         table = (total / len(self.prompt_ids)).cpu().numpy().astype(np.float64)
         image = LensImage(name="layer_x_site", values=table, row_labels=self.layer_labels, column_labels=list(SITES),
-                          xlabel="intervention site", arrays={"subject_spans": np.asarray(self.subject_spans)})
+                          xlabel="intervention site", kind="layer_x_site", arrays={"subject_spans": np.asarray(self.subject_spans)})
         scalars = {f"{self.output_name}/{site.rstrip('.').lower()}_max": float(table[:, i].max()) for i, site in enumerate(SITES)}
         return LensResult([image], table.mean(axis=1), scalars)

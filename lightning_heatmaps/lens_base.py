@@ -27,17 +27,20 @@ from lightning_heatmaps.layers import layer_tags
 from lightning_heatmaps.render import figure_to_rgb, heatmap_figure, metric_images
 from lightning_heatmaps.ring_buffer import POLICIES, RingBuffer
 from lightning_heatmaps.sinks import RunOutputs, check_distinct_outputs, check_output_name, open_run_outputs
+from lightning_heatmaps_tensorboard.metadata import matrix_content, matrix_tag
 
 
 @dataclass
 class LensImage:
-    """One heatmap of an evaluation: ``values`` with its labels, drawn as ``heatmaps/<metric>/<name>``."""
+    """One heatmap of an evaluation: ``values`` with its labels, drawn as ``heatmaps/<metric>/<name>`` and
+    written for the dashboard as ``matrices/<metric>/<name>`` (what it is: ``kind``, e.g. ``layer_x_token``)."""
 
     name: str
     values: np.ndarray
     row_labels: list[str]
     column_labels: list[str]
     xlabel: str
+    kind: str
     ylabel: str = "layer"
     color_limits: tuple[float, float] | None = None
     arrays: dict[str, Any] = field(default_factory=dict)
@@ -243,6 +246,14 @@ class LensCallback(Callback):
         for tag, value in zip(self._layer_tags, result.layer_summary):
             scalars[f"{metric}/{tag}/{self.summary_label}"] = float(value)
         outputs.log_scalars(scalars, step)  # on the training thread, see RunOutputs
+        outputs.log_matrices({
+            matrix_tag(metric, image.name): (image.values, matrix_content(
+                callback=type(self).__name__, metric=metric, kind=image.kind, row_labels=image.row_labels,
+                column_labels=image.column_labels, row_axis=image.ylabel, column_axis=image.xlabel,
+                color_limits=image.color_limits, every_n_steps=self.every_n_steps,
+            ))
+            for image in result.images
+        }, step)
 
         def write() -> None:
             for image in result.images:

@@ -170,7 +170,7 @@ class LogitLensHeatmap(LensCallback):
             per_layer.append(matrix.mean(axis=1))
             images.append(LensImage(
                 name=f"prompt_{index}", values=matrix, row_labels=self.layer_labels, column_labels=labels,
-                xlabel="token", color_limits=(0.0, 1.0) if self.divergence != "kl" else None,
+                xlabel="token", kind="layer_x_token", color_limits=(0.0, 1.0) if self.divergence != "kl" else None,
                 arrays={"settling_depth": depth.cpu().numpy(), "token_ids": np.asarray(ids)},
             ))
         all_depths = torch.cat(depths)

@@ -236,6 +236,6 @@ class ProbeHeatmap(LensCallback):
         measure = roc_auc if self.score == "auc" else accuracy
         table = measure(scores, self.labels.to(device)[test]).reshape(layers, positions).cpu().numpy().astype(np.float64)
         image = LensImage(name="layer_x_position", values=table, row_labels=self.layer_labels,
-                          column_labels=self.position_names, xlabel="token position", color_limits=(0.5, 1.0))
+                          column_labels=self.position_names, xlabel="token position", kind="layer_x_position", color_limits=(0.5, 1.0))
         scalars = {f"{self.output_name}/best": float(np.nanmax(table))}
         return LensResult([image], table.max(axis=1), scalars)

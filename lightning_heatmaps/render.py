@@ -200,13 +200,14 @@ def metric_images(
     component_names: Sequence[str],
     missing: np.ndarray,
     per_component: bool = False,
+    column_axis: str = "component",
     **style: object,
 ) -> list[tuple[str, np.ndarray, dict[str, np.ndarray]]]:
     """The images of one metric, each with the arrays behind it: ``[(name, rgb, arrays), ...]``.
 
     ``history`` is ``(samples, layers, components + 1)``, its last column the pooled ``all`` value;
     names are ``layer_x_step`` (the ``all`` column over the history), ``layer_x_component`` (the
-    latest sample) and, with ``per_component``, ``layer_x_step/<component>``.
+    latest sample; its x axis reads ``column_axis``) and, with ``per_component``, ``layer_x_step/<component>``.
 
     Example:
         >>> history = np.ones((3, 2, 2))
@@ -233,7 +234,7 @@ def metric_images(
         return images
     latest = history[-1, :, :-1]
     figure = heatmap_figure(
-        latest, row_labels=layers, column_labels=list(component_names), missing=missing, xlabel="component",
+        latest, row_labels=layers, column_labels=list(component_names), missing=missing, xlabel=column_axis,
         colorbar_label=metric, title=f"{metric}: layer x component (step {format_step(step)})", **style,
     )
     arrays = {

@@ -31,9 +31,13 @@ from typing import Any
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
-from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.compat.proto.summary_pb2 import DATA_CLASS_TENSOR, Summary, SummaryMetadata
+from tensorboard.compat.proto.tensor_pb2 import TensorProto
+from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+from tensorboard.compat.proto.types_pb2 import DT_FLOAT
 
 from lightning_heatmaps._worker import BackgroundWriter
+from lightning_heatmaps_tensorboard.metadata import PLUGIN_NAME
 from lightning_heatmaps.render import rgb_to_png
 
 
@@ -45,6 +49,7 @@ class Sink:
     """
 
     takes_images = False
+    takes_matrices = False
     thread_safe = False
 
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
@@ -52,6 +57,9 @@ class Sink:
 
     def log_image(self, tag: str, rgb: np.ndarray, step: int) -> None:
         """Write an ``(H, W, 3)`` uint8 image at ``step``."""
+
+    def log_matrices(self, matrices: Mapping[str, tuple[np.ndarray, bytes]], step: int) -> None:
+        """Write ``{tag: (matrix, content)}`` at ``step`` for the HEATMAPS dashboard (content: its JSON metadata)."""
 
     def add_chart_layout(self, categories: Mapping[str, Mapping[str, list[str]]]) -> None:
         """Declare charts grouping scalar tags (``{category: {chart: [tag regex, ...]}}``)."""
@@ -61,7 +69,7 @@ class Sink:
 
 
 class TensorBoardSink(Sink):
-    """A TensorBoard ``SummaryWriter``: scalars, images and a custom-scalars layout.
+    """A TensorBoard ``SummaryWriter``: scalars, images, the dashboard's matrices and a custom-scalars layout.
 
     Example:
         >>> from torch.utils.tensorboard import SummaryWriter
@@ -71,6 +79,7 @@ class TensorBoardSink(Sink):
     """
 
     takes_images = True
+    takes_matrices = True
     # Safe off the training thread: SummaryWriter's EventFileWriter puts every event on a queue that its
     # own thread drains, guarded by a lock (tensorboard.summary.writer.event_file_writer._AsyncWriter),
     # so our events and Lightning's TensorBoardLogger events (same writer) never corrupt the file.
@@ -82,6 +91,7 @@ class TensorBoardSink(Sink):
 
     def __init__(self, writer: Any) -> None:
         self.writer = writer
+        self._described: set[str] = set()
 
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
         # One event holding every value of the sample: ~20x less Python work than one add_scalar each,
@@ -91,6 +101,27 @@ class TensorBoardSink(Sink):
 
     def log_image(self, tag: str, rgb: np.ndarray, step: int) -> None:
         self.writer.add_image(tag, rgb, global_step=step, dataformats="HWC")
+
+    def log_matrices(self, matrices: Mapping[str, tuple[np.ndarray, bytes]], step: int) -> None:
+        # One event per sample, each matrix a float32 tensor summary of the dashboard's plugin. Its metadata
+        # rides with a tag's first value only, as TensorFlow's summary ops do: TensorBoard (both data
+        # servers) keeps the first metadata of a time series, and the labels would double every event.
+        values = []
+        for tag, (matrix, content) in matrices.items():
+            array = np.ascontiguousarray(matrix, dtype="<f4")
+            tensor = TensorProto(
+                dtype=DT_FLOAT, tensor_content=array.tobytes(),
+                tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=size) for size in array.shape]),
+            )
+            value = Summary.Value(tag=tag, tensor=tensor)
+            if tag not in self._described:
+                self._described.add(tag)
+                value.metadata.CopyFrom(SummaryMetadata(
+                    plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME, content=content),
+                    data_class=DATA_CLASS_TENSOR,
+                ))
+            values.append(value)
+        self.writer.file_writer.add_summary(Summary(value=values), step)
 
     def add_chart_layout(self, categories: Mapping[str, Mapping[str, list[str]]]) -> None:
         with self._layout_lock:
@@ -257,6 +288,14 @@ class RunOutputs:
         if self._background:
             sinks = self._background
             self.writer.submit(lambda: [sink.log_scalars(values, step) for sink in sinks])
+
+    def log_matrices(self, matrices: Mapping[str, tuple[np.ndarray, bytes]], step: int) -> None:
+        """Call from the training thread: the dashboard's matrices, written by the background writer (TensorBoard)."""
+        sinks = [sink for sink in self._background if sink.takes_matrices]
+        if self.writer is None or not sinks:
+            return
+        matrices = dict(matrices)
+        self.writer.submit(lambda: [sink.log_matrices(matrices, step) for sink in sinks])
 
     def add_chart_layout(self, categories: Mapping[str, Mapping[str, list[str]]]) -> None:
         """Declare a custom-scalars layout (TensorBoard only, from the background writer)."""

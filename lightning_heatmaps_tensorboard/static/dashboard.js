@@ -1,0 +1,492 @@
+// The HEATMAPS dashboard: selectors, the step slider, one heatmap per run (two when comparing), the
+// tooltip, the colour controls, the line chart of a clicked cell, and live refresh.
+
+import {COLOR_MAPS, ColorScale, formatExact} from "./colors.js";
+import {Series, fetchRuns} from "./data.js";
+import {Heatmap} from "./heatmap.js";
+import {drawLineChart} from "./linechart.js";
+import {listenToHost} from "./host.js";
+
+const POLL_SECONDS = 30;           // the fallback when TensorBoard sends no reload signal
+const SIGNAL_QUIET_SECONDS = 45;   // how long after a reload signal polling stays off
+const LINE_COLORS = ["#1f77b4", "#d62728"];
+const RETENTION_FLAG = "--samples_per_plugin=lightning_heatmaps=0";
+
+function element(tag, attributes = {}, children = []) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attributes)) {
+    if (key === "text") {
+      node.textContent = value;
+    } else {
+      node.setAttribute(key, value);
+    }
+  }
+  for (const child of children) {
+    node.appendChild(child);
+  }
+  return node;
+}
+
+function labelled(text, control) {
+  return element("label", {class: "lh-field"}, [element("span", {text}), control]);
+}
+
+function setOptions(select, options, selected) {
+  // options: [[value, text], ...]; keeps `selected` when it is still offered.
+  const current = options.some(([value]) => value === selected) ? selected : options.length ? options[0][0] : "";
+  select.replaceChildren(...options.map(([value, text]) => element("option", {value, text})));
+  select.value = current;
+  return current;
+}
+
+export class Dashboard {
+  constructor(root) {
+    this.root = root;
+    this.runs = {};
+    this.cache = new Map();
+    this.state = {
+      run: "", tag: "", view: "matrix", column: -1, compare: "", scale: "linear", range: "auto",
+      min: "", max: "", cmap: "viridis", sample: -1, follow: true, cell: null,
+    };
+    this.lastSignal = -Infinity;
+    this.refreshing = null;
+    this.rangeMemo = new Map();
+    this.build();
+  }
+
+  // --- layout -------------------------------------------------------------------------------
+
+  build() {
+    const select = (id) => element("select", {id});
+    this.controls = {
+      run: select("lh-run"), tag: select("lh-tag"), view: select("lh-view"), column: select("lh-column"),
+      compare: select("lh-compare"), scale: select("lh-scale"), range: select("lh-range"), cmap: select("lh-cmap"),
+      min: element("input", {id: "lh-min", type: "number", step: "any", placeholder: "min"}),
+      max: element("input", {id: "lh-max", type: "number", step: "any", placeholder: "max"}),
+      step: element("input", {id: "lh-step", type: "range", min: "0", max: "0", value: "0"}),
+      follow: element("button", {id: "lh-follow", type: "button", title: "Follow the newest sample"}),
+    };
+    const c = this.controls;
+    setOptions(c.view, [["matrix", "layer × component at a step"], ["history", "layer × step"]], "matrix");
+    setOptions(c.scale, [["linear", "linear"], ["log", "log"]], "linear");
+    setOptions(c.range, [["auto", "automatic"], ["fixed", "fixed"]], "auto");
+    setOptions(c.cmap, COLOR_MAPS.map((name) => [name, name]), "viridis");
+    this.columnField = labelled("Column", c.column);
+    this.fixedFields = element("span", {class: "lh-fixed"}, [c.min, c.max]);
+    this.stepLabel = element("span", {id: "lh-step-label", class: "lh-step-label"});
+    this.panels = element("div", {class: "lh-panels"});
+    this.tooltip = element("div", {id: "lh-tooltip", class: "lh-tooltip", hidden: ""});
+    this.chartCanvas = element("canvas", {id: "lh-chart"});
+    this.chart = element("div", {class: "lh-chart", hidden: ""}, [this.chartCanvas]);
+    this.status = element("div", {id: "lh-status", class: "lh-status"});
+    this.message = element("div", {id: "lh-message", class: "lh-message"});
+    this.root.replaceChildren(
+      element("div", {class: "lh-toolbar"}, [
+        labelled("Run", c.run), labelled("Metric", c.tag), labelled("View", c.view), this.columnField,
+        labelled("Compare with", c.compare),
+      ]),
+      element("div", {class: "lh-toolbar"}, [
+        labelled("Scale", c.scale), labelled("Range", c.range), this.fixedFields, labelled("Colours", c.cmap),
+      ]),
+      element("div", {class: "lh-stepbar"}, [c.follow, c.step, this.stepLabel]),
+      this.message, this.panels, this.chart, this.status, this.tooltip,
+    );
+
+    c.run.addEventListener("change", () => this.select({run: c.run.value}));
+    c.tag.addEventListener("change", () => this.select({tag: c.tag.value}));
+    c.view.addEventListener("change", () => this.select({view: c.view.value}));
+    c.column.addEventListener("change", () => this.update({column: Number(c.column.value)}));
+    c.compare.addEventListener("change", () => this.select({compare: c.compare.value}));
+    c.scale.addEventListener("change", () => this.update({scale: c.scale.value}));
+    c.range.addEventListener("change", () => this.update({range: c.range.value}));
+    c.cmap.addEventListener("change", () => this.update({cmap: c.cmap.value}));
+    c.min.addEventListener("change", () => this.update({min: c.min.value}));
+    c.max.addEventListener("change", () => this.update({max: c.max.value}));
+    c.step.addEventListener("input", () => {
+      const sample = Number(c.step.value);
+      this.update({sample, follow: sample === Number(c.step.max) && this.state.follow});
+    });
+    c.follow.addEventListener("click", () => {
+      const series = this.primary();
+      this.update({follow: !this.state.follow, sample: series ? series.samples - 1 : -1});
+    });
+    window.addEventListener("resize", () => this.render());
+  }
+
+  // --- data ---------------------------------------------------------------------------------
+
+  start() {
+    const hosted = listenToHost({
+      "experimental.DataReloaded": () => {
+        this.lastSignal = performance.now();
+        this.refresh();
+      },
+    });
+    this.root.dataset.hosted = String(hosted);
+    setInterval(() => {
+      if ((performance.now() - this.lastSignal) / 1000 > SIGNAL_QUIET_SECONDS) {
+        this.refresh();
+      }
+    }, POLL_SECONDS * 1000);
+    return this.refresh();
+  }
+
+  series(run, tag) {
+    const key = `${run}\u0000${tag}`;
+    if (!this.cache.has(key)) {
+      this.cache.set(key, new Series(run, tag));
+    }
+    return this.cache.get(key);
+  }
+
+  primary() {
+    const {run, tag} = this.state;
+    return run && tag ? this.series(run, tag) : null;
+  }
+
+  secondary() {
+    const {compare, tag} = this.state;
+    return compare && tag && this.runs[compare] && this.runs[compare][tag] ? this.series(compare, tag) : null;
+  }
+
+  content(run = this.state.run) {
+    return (this.runs[run] || {})[this.state.tag] || null;
+  }
+
+  // Reloads the listing and fetches what is new of the series on screen; one refresh at a time.
+  refresh() {
+    if (this.refreshing) {
+      this.refreshAgain = true;
+      return this.refreshing;
+    }
+    this.refreshing = (async () => {
+      do {
+        this.refreshAgain = false;
+        try {
+          this.runs = await fetchRuns();
+          this.fillSelectors();
+          for (const series of [this.primary(), this.secondary()]) {
+            if (series) {
+              const added = await series.update();
+              if (added) {
+                this.rangeMemo.clear();
+              }
+            }
+          }
+          this.updated = new Date();
+          this.error = null;
+        } catch (error) {
+          this.error = String(error.message || error);
+        }
+        this.render();
+      } while (this.refreshAgain);
+      this.refreshing = null;
+    })();
+    return this.refreshing;
+  }
+
+  fillSelectors() {
+    const c = this.controls;
+    const runs = Object.keys(this.runs).sort();
+    this.state.run = setOptions(c.run, runs.map((run) => [run, run]), this.state.run);
+    const tags = Object.entries(this.runs[this.state.run] || {})
+      .sort(([a], [b]) => a.localeCompare(b))
+      .map(([tag, content]) => [tag, `${content.metric || tag} · ${(content.kind || "").replace(/_x_/g, " × ")} (${content.callback || "?"})`]);
+    const tag = setOptions(c.tag, tags, this.state.tag);
+    if (tag !== this.state.tag) {
+      this.state.tag = tag;
+      this.adoptDefaults();
+    }
+    const others = runs.filter((run) => run !== this.state.run && this.runs[run][this.state.tag]);
+    this.state.compare = setOptions(c.compare, [["", "(none)"], ...others.map((run) => [run, run])], this.state.compare);
+    const content = this.content();
+    const labels = content ? content.column_labels : [];
+    if (this.state.column < 0 || this.state.column >= labels.length) {
+      this.state.column = content && content.pooled_column ? labels.length - 1 : 0;
+    }
+    setOptions(c.column, labels.map((label, index) => [String(index), label]), String(this.state.column));
+  }
+
+  // A metric's own starting colour settings (log scale, fixed range) from what the callback wrote.
+  adoptDefaults() {
+    const content = this.content();
+    if (!content) {
+      return;
+    }
+    Object.assign(this.state, {scale: content.log_scale ? "log" : "linear", column: -1, cell: null, sample: -1, follow: true});
+    if (content.color_limits) {
+      Object.assign(this.state, {range: "fixed", min: String(content.color_limits[0]), max: String(content.color_limits[1])});
+    } else {
+      this.state.range = "auto";
+    }
+  }
+
+  async select(change) {
+    if (change.tag !== undefined && change.tag !== this.state.tag) {
+      this.state.tag = change.tag;
+      this.adoptDefaults();
+    }
+    if (change.run !== undefined && change.run !== this.state.run) {
+      Object.assign(this.state, {run: change.run, sample: -1, follow: true});
+    }
+    Object.assign(this.state, change);
+    this.fillSelectors();
+    this.render();
+    await this.refresh();
+  }
+
+  update(change) {
+    Object.assign(this.state, change);
+    this.render();
+  }
+
+  // --- drawing ------------------------------------------------------------------------------
+
+  missingMap(content) {
+    const map = new Map();
+    for (const [row, column, reason] of content.missing || []) {
+      map.set(row * content.column_labels.length + column, reason);
+    }
+    return map;
+  }
+
+  // The columns the current view shows: every column but the pooled `all` one at a step, one over steps.
+  shownColumns(content) {
+    const count = content.column_labels.length;
+    if (this.state.view === "history") {
+      return [this.state.column];
+    }
+    const columns = [...Array(count).keys()];
+    return content.pooled_column && count > 1 ? columns.slice(0, -1) : columns;
+  }
+
+  // Automatic range: the finite values (positive ones on a log scale) of every shown cell over the whole
+  // history of every run on screen, so colours do not jump while scrubbing; symmetric about 0 when diverging.
+  autoRange(seriesList, columns, missing, log) {
+    const key = [...seriesList.map((s) => `${s.run}:${s.samples}`), columns.join(","), log].join("|");
+    if (this.rangeMemo.has(key)) {
+      return this.rangeMemo.get(key);
+    }
+    let low = Infinity;
+    let high = -Infinity;
+    for (const series of seriesList) {
+      const {rows, columns: width, values} = series;
+      for (let sample = 0; sample < series.samples; sample++) {
+        for (let row = 0; row < rows; row++) {
+          const base = (sample * rows + row) * width;
+          for (const column of columns) {
+            if (missing.has(row * width + column)) {
+              continue;
+            }
+            const value = values[base + column];
+            if (Number.isFinite(value) && (!log || value > 0)) {
+              if (value < low) low = value;
+              if (value > high) high = value;
+            }
+          }
+        }
+      }
+    }
+    const range = Number.isFinite(low) ? [low, high] : null;
+    this.rangeMemo.set(key, range);
+    return range;
+  }
+
+  colorScale(seriesList, columns, missing) {
+    const log = this.state.scale === "log";
+    let low;
+    let high;
+    let problem = null;
+    if (this.state.range === "fixed") {
+      low = Number(this.state.min);
+      high = Number(this.state.max);
+      if (this.state.min === "" || this.state.max === "" || !Number.isFinite(low) || !Number.isFinite(high) || !(low < high)) {
+        problem = "Fixed range needs numbers min < max; showing the automatic range.";
+      } else if (log && low <= 0) {
+        problem = "A log scale needs min > 0; showing the automatic range.";
+      }
+    }
+    if (this.state.range !== "fixed" || problem) {
+      const range = this.autoRange(seriesList, columns, missing, log) || [log ? 1e-3 : 0, 1];
+      [low, high] = range;
+      if (this.state.cmap === "diverging" && !log) {
+        const extent = Math.max(Math.abs(low), Math.abs(high)) || 1;
+        [low, high] = [-extent, extent];
+      }
+      if (!(high > low)) {
+        [low, high] = log ? [low / 2, low * 2] : [low - 1, high + 1];
+      }
+    }
+    return {scale: new ColorScale(low, high, log), problem};
+  }
+
+  render() {
+    const started = performance.now();
+    const c = this.controls;
+    const content = this.content();
+    const primary = this.primary();
+    const secondary = this.secondary();
+    c.view.value = this.state.view;
+    c.scale.value = this.state.scale;
+    c.range.value = this.state.range;
+    c.cmap.value = this.state.cmap;
+    c.min.value = this.state.min;
+    c.max.value = this.state.max;
+    this.fixedFields.hidden = this.state.range !== "fixed";
+    this.columnField.hidden = this.state.view !== "history";
+    c.follow.textContent = this.state.follow ? "❚❚ following newest" : "▶ follow newest";
+    c.follow.setAttribute("aria-pressed", String(this.state.follow));
+
+    if (!content || !primary || !primary.samples) {
+      this.panels.replaceChildren();
+      this.heatmaps = [];
+      this.message.textContent = this.error
+        ? `Could not load heatmaps: ${this.error}`
+        : Object.keys(this.runs).length
+          ? "Loading…"
+          : "No heatmap matrices yet. Add a lightning-heatmaps callback to a Trainer that has a TensorBoardLogger; this tab fills in at every sample.";
+      this.status.textContent = "";
+      return;
+    }
+    if (this.state.follow || this.state.sample < 0 || this.state.sample >= primary.samples) {
+      this.state.sample = primary.samples - 1;
+    }
+    c.step.max = String(primary.samples - 1);
+    c.step.value = String(this.state.sample);
+    const step = primary.steps[this.state.sample];
+    this.stepLabel.textContent = `step ${step} (sample ${this.state.sample + 1} of ${primary.samples})`;
+
+    const missing = this.missingMap(content);
+    const columns = this.shownColumns(content);
+    const all = [primary, secondary].filter((series) => series && series.samples && series.columns === primary.columns);
+    const {scale, problem} = this.colorScale(all, columns, missing);
+    this.message.textContent = problem || "";
+
+    const totalWidth = Math.max(320, this.root.clientWidth - 8);
+    const width = all.length > 1 ? Math.floor((totalWidth - 12) / 2) : totalWidth;
+    const height = Math.min(640, Math.max(280, primary.rows * 18 + 110));
+    if (!this.heatmaps || this.heatmaps.length !== all.length) {
+      this.heatmaps = all.map((series, index) => {
+        const canvas = element("canvas", {class: "lh-heatmap", "data-panel": String(index)});
+        const heatmap = new Heatmap(canvas);
+        canvas.addEventListener("mousemove", (event) => this.hover(heatmap, event));
+        canvas.addEventListener("mouseleave", () => { this.tooltip.hidden = true; });
+        canvas.addEventListener("click", (event) => this.click(heatmap, event));
+        return heatmap;
+      });
+      this.panels.replaceChildren(...this.heatmaps.map((heatmap) => element("div", {class: "lh-panel"}, [heatmap.canvas])));
+    }
+    all.forEach((series, index) => {
+      const heatmap = this.heatmaps[index];
+      heatmap.series = series;
+      heatmap.sample = index === 0 ? this.state.sample : series.sampleAtStep(step);
+      heatmap.canvas.dataset.run = series.run;
+      heatmap.draw(this.spec(series, heatmap.sample, content, columns, missing, scale), width, height);
+    });
+    this.renderChart(content, all, missing);
+    this.root.dataset.renderMs = (performance.now() - started).toFixed(2);
+    const first = primary.steps[0];
+    const last = primary.steps[primary.samples - 1];
+    const kept = `${primary.samples} samples, steps ${first}–${last}`;
+    const bytes = all.reduce((total, series) => total + series.bytesReceived, 0);
+    const expected = content.every_n_steps ? Math.floor(last / content.every_n_steps) + 1 : 0;
+    const hint = expected > primary.samples * 1.1
+      ? ` · TensorBoard keeps ${primary.samples} of about ${expected} samples: start it with ${RETENTION_FLAG} to keep the whole history.`
+      : "";
+    const when = this.updated ? ` · updated ${this.updated.toLocaleTimeString()}` : "";
+    this.status.textContent = `${kept} · ${(bytes / 1024).toFixed(1)} KiB received${when}${hint}${this.error ? ` · refresh failed: ${this.error}` : ""}`;
+  }
+
+  spec(series, sample, content, columns, missing, scale) {
+    const prefix = this.state.compare ? `${series.run}: ` : "";
+    const rowAxis = content.row_axis || "layer";
+    const reasonAt = (row, column) => missing.get(row * series.columns + column) || null;
+    if (this.state.view === "history") {
+      const column = columns[0];
+      return {
+        title: `${prefix}${content.metric} (${content.column_labels[column]}): ${rowAxis} × step`,
+        metric: content.metric, rows: series.rows, columns: series.samples, rowLabels: content.row_labels,
+        columnSteps: series.steps.subarray(0, series.samples), xAxis: "step", yAxis: rowAxis,
+        value: (row, index) => series.value(index, row, column), missing: (row) => reasonAt(row, column),
+        scale, cmap: this.state.cmap,
+        describe: (row, index) => ({row, column, sample: index}),
+      };
+    }
+    return {
+      title: `${prefix}${content.metric}: ${rowAxis} × ${content.column_axis} at step ${series.steps[sample]}`,
+      metric: content.metric, rows: series.rows, columns: columns.length, rowLabels: content.row_labels,
+      columnLabels: columns.map((column) => content.column_labels[column]), xAxis: content.column_axis, yAxis: rowAxis,
+      value: (row, index) => series.value(sample, row, columns[index]), missing: (row, index) => reasonAt(row, columns[index]),
+      scale, cmap: this.state.cmap,
+      describe: (row, index) => ({row, column: columns[index], sample}),
+    };
+  }
+
+  // --- interaction ----------------------------------------------------------------------------
+
+  cellOf(heatmap, event) {
+    const box = heatmap.canvas.getBoundingClientRect();
+    const cell = heatmap.cellAt(event.clientX - box.left, event.clientY - box.top);
+    return cell ? heatmap.spec.describe(cell.row, cell.column) : null;
+  }
+
+  hover(heatmap, event) {
+    const cell = this.cellOf(heatmap, event);
+    if (!cell) {
+      this.tooltip.hidden = true;
+      return;
+    }
+    const content = this.content();
+    const series = heatmap.series;
+    const reason = this.missingMap(content).get(cell.row * series.columns + cell.column);
+    const value = series.value(cell.sample, cell.row, cell.column);
+    const text = reason || formatExact(value);
+    const lines = [
+      ...(this.state.compare ? [series.run] : []),
+      `${content.row_axis || "layer"} ${content.row_labels[cell.row]} · ${content.column_labels[cell.column]}`,
+      `step ${series.steps[cell.sample]}`,
+      text,
+    ];
+    this.tooltip.replaceChildren(...lines.map((line, index) => element("div", {text: line, class: index === lines.length - 1 ? "lh-value" : ""})));
+    Object.assign(this.tooltip.dataset, {
+      row: String(cell.row), column: String(cell.column), step: String(series.steps[cell.sample]), value: text, run: series.run,
+    });
+    this.tooltip.hidden = false;
+    const x = Math.min(event.clientX + 14, window.innerWidth - this.tooltip.offsetWidth - 4);
+    const y = Math.min(event.clientY + 14, window.innerHeight - this.tooltip.offsetHeight - 4);
+    this.tooltip.style.left = `${x + window.scrollX}px`;
+    this.tooltip.style.top = `${y + window.scrollY}px`;
+  }
+
+  click(heatmap, event) {
+    const cell = this.cellOf(heatmap, event);
+    if (cell) {
+      this.update({cell: {row: cell.row, column: cell.column}});
+    }
+  }
+
+  renderChart(content, seriesList, missing) {
+    const cell = this.state.cell;
+    if (!cell || cell.row >= content.row_labels.length || cell.column >= content.column_labels.length) {
+      this.chart.hidden = true;
+      return;
+    }
+    this.chart.hidden = false;
+    const lines = seriesList.map((series, index) => {
+      const values = new Float64Array(series.samples);
+      for (let sample = 0; sample < series.samples; sample++) {
+        values[sample] = series.value(sample, cell.row, cell.column);
+      }
+      return {label: series.run, steps: series.steps.subarray(0, series.samples), values, color: LINE_COLORS[index % 2]};
+    });
+    const reason = missing.get(cell.row * content.column_labels.length + cell.column);
+    const title = `${content.metric}: ${content.row_axis || "layer"} ${content.row_labels[cell.row]} · ${content.column_labels[cell.column]} over steps${reason ? ` (${reason})` : ""}`;
+    const primary = seriesList[0];
+    drawLineChart(this.chartCanvas, {
+      title, lines, log: this.state.scale === "log", currentStep: primary.steps[this.state.sample],
+    }, Math.max(320, this.root.clientWidth - 8), 220);
+    this.chartCanvas.dataset.row = String(cell.row);
+    this.chartCanvas.dataset.column = String(cell.column);
+    this.chartCanvas.dataset.points = String(primary.samples);
+  }
+}

@@ -1,0 +1,189 @@
+// A heatmap on a <canvas>: cells drawn one pixel each into an offscreen image and scaled up without
+// smoothing, axis labels, a colour bar with the metric's name, and hit testing for the tooltip.
+//
+// Rows are layers, the first at the bottom (as in the PNG images). The plot's geometry is published on the
+// canvas as data attributes (data-plot-left, -top, -width, -height, data-rows, data-columns) so that
+// scripts and tests can find the pixel of a cell.
+
+import {MISSING_COLOR, NONFINITE_COLOR, colorTable, formatShort, formatStep} from "./colors.js";
+
+const FONT = "12px Roboto, sans-serif";
+const COLOR_BAR_WIDTH = 14;
+
+export class Heatmap {
+  constructor(canvas) {
+    this.canvas = canvas;
+    this.spec = null;
+    this.plot = null;
+  }
+
+  // spec: {title, metric, rows, columns, rowLabels, columnLabels | columnSteps, value(r, c), missing(r, c),
+  //        scale: ColorScale, cmap, xAxis, yAxis}
+  draw(spec, cssWidth, cssHeight) {
+    const started = performance.now();
+    this.spec = spec;
+    const ratio = window.devicePixelRatio || 1;
+    const canvas = this.canvas;
+    canvas.style.width = `${cssWidth}px`;
+    canvas.style.height = `${cssHeight}px`;
+    canvas.width = Math.round(cssWidth * ratio);
+    canvas.height = Math.round(cssHeight * ratio);
+    const context = canvas.getContext("2d");
+    context.setTransform(ratio, 0, 0, ratio, 0, 0);
+    context.clearRect(0, 0, cssWidth, cssHeight);
+    context.font = FONT;
+
+    const rowLabelWidth = Math.max(...spec.rowLabels.map((label) => context.measureText(label).width), 10);
+    const left = Math.ceil(rowLabelWidth) + 34;
+    const columnLabelWidth = spec.columnLabels
+      ? Math.max(...spec.columnLabels.map((label) => context.measureText(label).width), 10)
+      : 10;
+    const rotate = spec.columnLabels && spec.columns * 14 > 0 && columnLabelWidth + 6 > (cssWidth - left - 90) / spec.columns;
+    const bottom = 34 + (rotate ? Math.min(columnLabelWidth, 120) : 14);
+    const top = 26;
+    const right = 112;
+    const width = Math.max(40, cssWidth - left - right);
+    const height = Math.max(40, cssHeight - top - bottom);
+    this.plot = {left, top, width, height};
+    for (const [key, value] of Object.entries({plotLeft: left, plotTop: top, plotWidth: width, plotHeight: height,
+                                                rows: spec.rows, columns: spec.columns})) {
+      canvas.dataset[key] = String(value);
+    }
+
+    // The cells: one pixel per cell, then scaled (nearest neighbour, so every cell keeps its exact colour).
+    const image = new ImageData(Math.max(1, spec.columns), Math.max(1, spec.rows));
+    const pixels = image.data;
+    const table = colorTable(spec.cmap);
+    for (let row = 0; row < spec.rows; row++) {
+      const line = spec.rows - 1 - row;
+      for (let column = 0; column < spec.columns; column++) {
+        const offset = 4 * (line * spec.columns + column);
+        let rgb;
+        if (spec.missing(row, column)) {
+          rgb = MISSING_COLOR;
+        } else {
+          const index = spec.scale.index(spec.value(row, column));
+          if (index < 0) {
+            rgb = NONFINITE_COLOR;
+          } else {
+            pixels[offset] = table[3 * index];
+            pixels[offset + 1] = table[3 * index + 1];
+            pixels[offset + 2] = table[3 * index + 2];
+            pixels[offset + 3] = 255;
+            continue;
+          }
+        }
+        pixels[offset] = rgb[0];
+        pixels[offset + 1] = rgb[1];
+        pixels[offset + 2] = rgb[2];
+        pixels[offset + 3] = 255;
+      }
+    }
+    const cells = document.createElement("canvas");
+    cells.width = image.width;
+    cells.height = image.height;
+    cells.getContext("2d").putImageData(image, 0, 0);
+    context.imageSmoothingEnabled = false;
+    if (spec.rows && spec.columns) {
+      context.drawImage(cells, left, top, width, height);
+    }
+    context.strokeStyle = "#666";
+    context.lineWidth = 1;
+    context.strokeRect(left - 0.5, top - 0.5, width + 1, height + 1);
+
+    // Axes.
+    context.fillStyle = "#333";
+    context.textBaseline = "middle";
+    context.textAlign = "right";
+    const cellHeight = height / Math.max(1, spec.rows);
+    const rowStride = Math.max(1, Math.ceil(14 / cellHeight));
+    for (let row = 0; row < spec.rows; row += rowStride) {
+      context.fillText(spec.rowLabels[row], left - 4, top + height - (row + 0.5) * cellHeight);
+    }
+    context.save();
+    context.translate(12, top + height / 2);
+    context.rotate(-Math.PI / 2);
+    context.textAlign = "center";
+    context.fillText(spec.yAxis, 0, 0);
+    context.restore();
+
+    const cellWidth = width / Math.max(1, spec.columns);
+    context.textBaseline = "top";
+    if (spec.columnLabels) {
+      const stride = rotate ? Math.max(1, Math.ceil(14 / cellWidth)) : 1;
+      for (let column = 0; column < spec.columns; column += stride) {
+        const x = left + (column + 0.5) * cellWidth;
+        if (rotate) {
+          context.save();
+          context.translate(x, top + height + 4);
+          context.rotate(-Math.PI / 2);
+          context.textAlign = "right";
+          context.textBaseline = "middle";
+          context.fillText(spec.columnLabels[column].slice(0, 18), 0, 0);
+          context.restore();
+        } else {
+          context.textAlign = "center";
+          context.fillText(spec.columnLabels[column], x, top + height + 4);
+        }
+      }
+    } else if (spec.columnSteps && spec.columns) {
+      const ticks = Math.min(spec.columns, Math.max(2, Math.floor(width / 80)));
+      context.textAlign = "center";
+      for (let i = 0; i < ticks; i++) {
+        const column = ticks === 1 ? 0 : Math.round((i * (spec.columns - 1)) / (ticks - 1));
+        context.fillText(formatStep(spec.columnSteps[column]), left + (column + 0.5) * cellWidth, top + height + 4);
+      }
+    }
+    context.textAlign = "center";
+    context.fillText(spec.xAxis, left + width / 2, cssHeight - 16);
+    context.textBaseline = "alphabetic";
+    context.font = `bold ${FONT}`;
+    context.textAlign = "left";
+    context.fillText(spec.title, left, 16);
+    context.font = FONT;
+
+    this.drawColorBar(context, spec, left + width + 14, top, height);
+    this.renderMilliseconds = performance.now() - started;
+    canvas.dataset.renderMs = this.renderMilliseconds.toFixed(2);
+  }
+
+  drawColorBar(context, spec, x, y, height) {
+    const table = colorTable(spec.cmap);
+    for (let i = 0; i < height; i++) {
+      const index = Math.round(255 * (1 - i / Math.max(1, height - 1)));
+      context.fillStyle = `rgb(${table[3 * index]},${table[3 * index + 1]},${table[3 * index + 2]})`;
+      context.fillRect(x, y + i, COLOR_BAR_WIDTH, 1);
+    }
+    context.strokeStyle = "#666";
+    context.strokeRect(x - 0.5, y - 0.5, COLOR_BAR_WIDTH + 1, height + 1);
+    context.fillStyle = "#333";
+    context.textAlign = "left";
+    context.textBaseline = "middle";
+    for (const fraction of [0, 0.25, 0.5, 0.75, 1]) {
+      context.fillText(formatShort(spec.scale.valueAt(fraction)), x + COLOR_BAR_WIDTH + 4, y + height * (1 - fraction));
+    }
+    context.save();
+    context.translate(x + COLOR_BAR_WIDTH + 70, y + height / 2);
+    context.rotate(Math.PI / 2);
+    context.textAlign = "center";
+    context.fillText(spec.metric + (spec.scale.log ? " (log)" : ""), 0, 0);
+    context.restore();
+  }
+
+  // The cell under a point in CSS pixels of the canvas, or null.
+  cellAt(x, y) {
+    if (!this.plot || !this.spec) {
+      return null;
+    }
+    const {left, top, width, height} = this.plot;
+    if (x < left || y < top || x >= left + width || y >= top + height) {
+      return null;
+    }
+    const column = Math.floor(((x - left) / width) * this.spec.columns);
+    const row = this.spec.rows - 1 - Math.floor(((y - top) / height) * this.spec.rows);
+    if (row < 0 || column < 0 || row >= this.spec.rows || column >= this.spec.columns) {
+      return null;
+    }
+    return {row, column};
+  }
+}

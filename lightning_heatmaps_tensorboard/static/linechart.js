@@ -1,0 +1,112 @@
+// A line chart of one cell over steps (one line per run), on a <canvas>. Non-finite values break the line
+// and are marked with a magenta tick at the bottom.
+
+import {formatShort, formatStep} from "./colors.js";
+
+const FONT = "12px Roboto, sans-serif";
+
+export function drawLineChart(canvas, {title, lines, log, currentStep}, cssWidth, cssHeight) {
+  const ratio = window.devicePixelRatio || 1;
+  canvas.style.width = `${cssWidth}px`;
+  canvas.style.height = `${cssHeight}px`;
+  canvas.width = Math.round(cssWidth * ratio);
+  canvas.height = Math.round(cssHeight * ratio);
+  const context = canvas.getContext("2d");
+  context.setTransform(ratio, 0, 0, ratio, 0, 0);
+  context.clearRect(0, 0, cssWidth, cssHeight);
+  context.font = FONT;
+
+  const transform = (value) => (log ? (value > 0 ? Math.log10(value) : NaN) : value);
+  let low = Infinity;
+  let high = -Infinity;
+  let first = Infinity;
+  let last = -Infinity;
+  for (const line of lines) {
+    for (let i = 0; i < line.steps.length; i++) {
+      first = Math.min(first, line.steps[i]);
+      last = Math.max(last, line.steps[i]);
+      const value = transform(line.values[i]);
+      if (Number.isFinite(value)) {
+        low = Math.min(low, value);
+        high = Math.max(high, value);
+      }
+    }
+  }
+  const left = 64;
+  const right = 16;
+  const top = 24;
+  const bottom = 36;
+  const width = cssWidth - left - right;
+  const height = cssHeight - top - bottom;
+  context.fillStyle = "#333";
+  context.font = `bold ${FONT}`;
+  context.fillText(title, left, 16);
+  context.font = FONT;
+  if (!Number.isFinite(first)) {
+    context.fillText("no samples", left, top + 20);
+    return;
+  }
+  if (!(high > low)) {
+    const middle = Number.isFinite(low) ? low : 0;
+    low = middle - 1;
+    high = middle + 1;
+  }
+  const span = last > first ? last - first : 1;
+  const x = (step) => left + ((step - first) / span) * width;
+  const y = (value) => top + height - ((value - low) / (high - low)) * height;
+
+  context.strokeStyle = "#999";
+  context.strokeRect(left - 0.5, top - 0.5, width + 1, height + 1);
+  context.textAlign = "right";
+  context.textBaseline = "middle";
+  for (const fraction of [0, 0.5, 1]) {
+    const value = low + fraction * (high - low);
+    context.fillText(formatShort(log ? Math.pow(10, value) : value), left - 4, y(value));
+  }
+  context.textAlign = "center";
+  context.textBaseline = "top";
+  for (const fraction of [0, 0.25, 0.5, 0.75, 1]) {
+    context.fillText(formatStep(Math.round(first + fraction * span)), left + fraction * width, top + height + 4);
+  }
+  context.fillText("step", left + width / 2, top + height + 18);
+
+  if (currentStep !== null && currentStep !== undefined) {
+    context.strokeStyle = "#bbb";
+    context.beginPath();
+    context.moveTo(x(currentStep), top);
+    context.lineTo(x(currentStep), top + height);
+    context.stroke();
+  }
+  for (const line of lines) {
+    context.strokeStyle = line.color;
+    context.lineWidth = 1.5;
+    context.beginPath();
+    let drawing = false;
+    for (let i = 0; i < line.steps.length; i++) {
+      const value = transform(line.values[i]);
+      if (!Number.isFinite(value)) {
+        drawing = false;
+        if (!Number.isFinite(line.values[i])) {
+          context.save();
+          context.fillStyle = "#e6007e";
+          context.fillRect(x(line.steps[i]) - 1, top + height - 6, 2, 6);
+          context.restore();
+        }
+        continue;
+      }
+      if (drawing) {
+        context.lineTo(x(line.steps[i]), y(value));
+      } else {
+        context.moveTo(x(line.steps[i]), y(value));
+        drawing = true;
+      }
+    }
+    context.stroke();
+  }
+  context.textAlign = "right";
+  context.textBaseline = "top";
+  lines.forEach((line, index) => {
+    context.fillStyle = line.color;
+    context.fillText(line.label, left + width - 4, top + 4 + 14 * index);
+  });
+}
