@@ -40,7 +40,7 @@ from torch.overrides import TorchFunctionMode
 from lightning_heatmaps import ActivationHeatmap, GradientHeatmap
 from lightning_heatmaps._worker import BackgroundWriter
 from lightning_heatmaps.render import metric_images
-from lightning_heatmaps.sinks import RunOutputs
+from lightning_heatmaps.sinks import RunOutputs, TensorBoardSink
 
 warnings.filterwarnings("ignore")
 BLOCKING = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__"}
@@ -134,6 +134,16 @@ def wandb_variant() -> Any:
 
 def ours(every_n_steps: int) -> list[Callback]:
     return [ActivationHeatmap(every_n_steps=every_n_steps), GradientHeatmap(every_n_steps=every_n_steps)]
+
+
+class WithoutDashboardMatrices(Callback):
+    """For the duration of one fit, TensorBoard sinks take no matrices: ours as it was before the dashboard."""
+
+    def setup(self, trainer, pl_module, stage):
+        TensorBoardSink.takes_matrices = False
+
+    def teardown(self, trainer, pl_module, stage):
+        TensorBoardSink.takes_matrices = True
 
 
 # --- measurement ------------------------------------------------------------------------------
@@ -259,7 +269,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--sections", default="rounds,ab,blocks,audit,images",
+    parser.add_argument("--sections", default="rounds,ab,blocks,audit,images,dashboard",
                         help="comma-separated parts to run (default: all)")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
@@ -305,6 +315,12 @@ def main() -> None:
         audit(variants, ab_variants, args)
     if "images" in sections:
         images(args)
+    if "dashboard" in sections:
+        # The dashboard's matrices (one tensor summary per metric and sample) against the same callbacks
+        # without them, in one process; the variants alternate round by round.
+        paired({"ours (with the dashboard's matrices)": lambda: ours(2),
+                "ours without the matrices": lambda: [WithoutDashboardMatrices(), *ours(2)]}, args,
+               title="Dashboard matrices: in-process A/B (sampled every other step; marginal cost of one sampled step)")
 
 
 def rounds(variants, args) -> None:
@@ -328,12 +344,15 @@ def rounds(variants, args) -> None:
 
 
 
-def paired(ab_variants, args) -> None:
-    print("\n## In-process A/B (sampled every other step; marginal cost of one sampled step)\n")
+def paired(ab_variants, args, title: str = "In-process A/B (sampled every other step; marginal cost of one sampled step)") -> None:
+    print(f"\n## {title}\n")
     print("| monitor | unsampled step (ms) | marginal wall (ms) | marginal CPU, all threads (ms) | background thread CPU per sample (ms) | ratio at every step | amortised at every_n_steps=50 |")
     print("|---|---|---|---|---|---|---|")
-    for name, make in ab_variants.items():
-        runs = [run(make, args, args.steps) for _ in range(args.rounds)]
+    results: dict[str, list[dict]] = {name: [] for name in ab_variants}
+    for _ in range(args.rounds):  # interleaved, so drift over the session hits every variant alike
+        for name, make in ab_variants.items():
+            results[name].append(run(make, args, args.steps))
+    for name, runs in results.items():
         timed = [pair for r in runs for pair in r["timed"]]
         cpu_timed = [(s, c) for r in runs for s, c in r["cpu_by_step"].items() if s >= args.warmup]
         unsampled = statistics.median(t for s, t in timed if s % 2)

@@ -74,9 +74,10 @@ class ByteLlama(L.LightningModule):
 
 
 def start_tensorboard(logdir: str, port: int) -> subprocess.Popen | None:
-    """Start TensorBoard on ``logdir`` in the background; its output goes to ``<logdir>/tensorboard.log``."""
+    """Start TensorBoard on ``logdir`` in the background, keeping every sample of the HEATMAPS dashboard
+    (``lightning_heatmaps=0``) and 100 images per tag; its output goes to ``<logdir>/tensorboard.log``."""
     command = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--port", str(port),
-               "--samples_per_plugin", "images=100", "--reload_interval", "5"]
+               "--samples_per_plugin", "images=100,lightning_heatmaps=0", "--reload_interval", "5"]
     os.makedirs(logdir, exist_ok=True)
     log = open(os.path.join(logdir, "tensorboard.log"), "w")
     try:
@@ -84,8 +85,9 @@ def start_tensorboard(logdir: str, port: int) -> subprocess.Popen | None:
     except OSError as error:
         print(f"Could not start TensorBoard ({error}); run: {' '.join(command)}")
         return None
-    print(f"TensorBoard: http://localhost:{port}/  (IMAGES tab for the heatmaps, SCALARS for per-layer values; "
-          f"its log: {log.name})")
+    print(f"TensorBoard, on the HEATMAPS dashboard: http://localhost:{port}/#lightning_heatmaps\n"
+          f"  (it fills in at every sample; hover a cell for its value, click it for its curve. IMAGES has the PNGs, "
+          f"SCALARS the per-layer values; TensorBoard's log: {log.name})")
     return process
 
 

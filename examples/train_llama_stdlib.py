@@ -2,7 +2,8 @@
 
 The model is built from a ``transformers.LlamaConfig`` with random weights and trained byte by byte
 on the ``.py`` files that ship with Python, for about two minutes on 2 CPU cores. TensorBoard starts
-beside the training (``--no-tensorboard`` to skip) so the heatmaps can be watched filling in.
+beside the training (``--no-tensorboard`` to skip), on the HEATMAPS dashboard, so the heatmaps can be watched
+filling in.
 
     python examples/train_llama_stdlib.py                 # ~2 minutes, TensorBoard on :6006
     python examples/train_llama_stdlib.py --minutes 0.5 --no-tensorboard
@@ -67,7 +68,8 @@ def main() -> None:
             except KeyboardInterrupt:
                 pass
         tensorboard.terminate()
-        print(f"To look again: tensorboard --logdir {args.logdir} --samples_per_plugin images=100")
+        print(f"To look again: tensorboard --logdir {args.logdir} --samples_per_plugin images=100,lightning_heatmaps=0 "
+              f"and open http://localhost:6006/#lightning_heatmaps")
 
 
 if __name__ == "__main__":

@@ -323,6 +323,7 @@ export class Dashboard {
   render() {
     const started = performance.now();
     const c = this.controls;
+    this.tooltip.hidden = true;  // it described the previous picture; redone below for the cell under the pointer
     const content = this.content();
     const primary = this.primary();
     const secondary = this.secondary();
@@ -340,6 +341,7 @@ export class Dashboard {
     if (!content || !primary || !primary.samples) {
       this.panels.replaceChildren();
       this.heatmaps = [];
+      this.pointer = null;
       this.message.textContent = this.error
         ? `Could not load heatmaps: ${this.error}`
         : Object.keys(this.runs).length
@@ -370,7 +372,10 @@ export class Dashboard {
         const canvas = element("canvas", {class: "lh-heatmap", "data-panel": String(index)});
         const heatmap = new Heatmap(canvas);
         canvas.addEventListener("mousemove", (event) => this.hover(heatmap, event));
-        canvas.addEventListener("mouseleave", () => { this.tooltip.hidden = true; });
+        canvas.addEventListener("mouseleave", () => {
+          this.pointer = null;
+          this.tooltip.hidden = true;
+        });
         canvas.addEventListener("click", (event) => this.click(heatmap, event));
         return heatmap;
       });
@@ -384,6 +389,9 @@ export class Dashboard {
       heatmap.draw(this.spec(series, heatmap.sample, content, columns, missing, scale), width, height);
     });
     this.renderChart(content, all, missing);
+    if (this.pointer && this.heatmaps[this.pointer.panel]) {
+      this.hover(this.heatmaps[this.pointer.panel], this.pointer);  // a live refresh updates the tooltip in place
+    }
     this.root.dataset.renderMs = (performance.now() - started).toFixed(2);
     const first = primary.steps[0];
     const last = primary.steps[primary.samples - 1];
@@ -408,7 +416,7 @@ export class Dashboard {
         metric: content.metric, rows: series.rows, columns: series.samples, rowLabels: content.row_labels,
         columnSteps: series.steps.subarray(0, series.samples), xAxis: "step", yAxis: rowAxis,
         value: (row, index) => series.value(index, row, column), missing: (row) => reasonAt(row, column),
-        scale, cmap: this.state.cmap,
+        scale, cmap: this.state.cmap, marker: sample,
         describe: (row, index) => ({row, column, sample: index}),
       };
     }
@@ -431,6 +439,7 @@ export class Dashboard {
   }
 
   hover(heatmap, event) {
+    this.pointer = {panel: this.heatmaps.indexOf(heatmap), clientX: event.clientX, clientY: event.clientY};
     const cell = this.cellOf(heatmap, event);
     if (!cell) {
       this.tooltip.hidden = true;

@@ -46,7 +46,8 @@ export class Heatmap {
     const height = Math.max(40, cssHeight - top - bottom);
     this.plot = {left, top, width, height};
     for (const [key, value] of Object.entries({plotLeft: left, plotTop: top, plotWidth: width, plotHeight: height,
-                                                rows: spec.rows, columns: spec.columns})) {
+                                                rows: spec.rows, columns: spec.columns, scaleMin: spec.scale.min,
+                                                scaleMax: spec.scale.max, scaleLog: spec.scale.log})) {
       canvas.dataset[key] = String(value);
     }
 
@@ -90,6 +91,19 @@ export class Heatmap {
     context.strokeStyle = "#666";
     context.lineWidth = 1;
     context.strokeRect(left - 0.5, top - 0.5, width + 1, height + 1);
+    if (spec.marker !== undefined && spec.marker !== null && spec.columns) {
+      // The slider's sample, over steps: a thin outlined column.
+      const x = left + ((spec.marker + 0.5) * width) / spec.columns;
+      context.strokeStyle = "rgba(255, 255, 255, 0.9)";
+      context.lineWidth = 3;
+      context.beginPath();
+      context.moveTo(x, top);
+      context.lineTo(x, top + height);
+      context.stroke();
+      context.strokeStyle = "#000";
+      context.lineWidth = 1;
+      context.stroke();
+    }
 
     // Axes.
     context.fillStyle = "#333";
@@ -127,11 +141,21 @@ export class Heatmap {
         }
       }
     } else if (spec.columnSteps && spec.columns) {
-      const ticks = Math.min(spec.columns, Math.max(2, Math.floor(width / 80)));
+      // Ticks at round steps (1, 2 or 5 times a power of ten apart), each at the first sample at or after it.
+      const steps = spec.columnSteps;
+      const first = steps[0];
+      const last = steps[spec.columns - 1];
+      const wanted = Math.max(2, Math.floor(width / 90));
+      const raw = Math.max(1, (last - first) / wanted);
+      const power = Math.pow(10, Math.floor(Math.log10(raw)));
+      const interval = [1, 2, 5, 10].map((f) => f * power).find((value) => value >= raw);
       context.textAlign = "center";
-      for (let i = 0; i < ticks; i++) {
-        const column = ticks === 1 ? 0 : Math.round((i * (spec.columns - 1)) / (ticks - 1));
-        context.fillText(formatStep(spec.columnSteps[column]), left + (column + 0.5) * cellWidth, top + height + 4);
+      let column = 0;
+      for (let tick = Math.ceil(first / interval) * interval; tick <= last; tick += interval) {
+        while (column < spec.columns - 1 && steps[column] < tick) {
+          column++;
+        }
+        context.fillText(formatStep(tick), left + (column + 0.5) * cellWidth, top + height + 4);
       }
     }
     context.textAlign = "center";
