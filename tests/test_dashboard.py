@@ -354,11 +354,33 @@ def test_browser_non_finite_values_click_chart_and_compare(dashboard, tmp_path):
 
     _show(frame, "train", "matrices/grad_norm")
     frame.locator("#lh-compare").select_option("special")
+    frame.locator("#lh-range").select_option("minmax")
     frame.locator("canvas.lh-heatmap").nth(1).wait_for()
     panels = [frame.locator("canvas.lh-heatmap").nth(index).evaluate("c => ({...c.dataset})") for index in (0, 1)]
     assert [panel["run"] for panel in panels] == ["train", "special"]
-    assert panels[0]["scaleMin"] == panels[1]["scaleMin"] and panels[0]["scaleMax"] == panels[1]["scaleMax"]
-    assert float(panels[0]["scaleMax"]) >= 0.75  # the shared scale covers the other run's values
+    # One scale for both: the min and max of the finite, monitored component cells of both runs' histories.
+    base = f"{page.url.split('#')[0]}data/plugin/{PLUGIN_NAME}/values?tag=matrices/grad_norm&run="
+    shown = []
+    for run in ("train", "special"):
+        values = decode_values(page.request.get(base + run).body())[1][:, :, :-1].copy()
+        if run == "train":
+            values[:, 0, COMPONENTS.index("mlp.gate")] = np.nan  # frozen
+        shown.append(values[np.isfinite(values)])
+    shown = np.concatenate(shown)
+    for panel in panels:
+        assert (float(panel["scaleMin"]), float(panel["scaleMax"])) == (float(shown.min()), float(shown.max()))
     page.screenshot(path=str(tmp_path / "dashboard_compare.png"))
-    frame.locator("#lh-compare").select_option("")
+
+    frame.locator("#lh-range").select_option("fixed")
+    frame.locator("#lh-min").fill("0.01")
+    frame.locator("#lh-max").fill("2")
+    frame.locator("#lh-max").press("Enter")
+    frame.locator("#lh-scale").select_option("log")
+    panel = frame.locator("canvas.lh-heatmap").nth(1).evaluate("c => ({...c.dataset})")
+    assert (panel["scaleMin"], panel["scaleMax"], panel["scaleLog"]) == ("0.01", "2", "true")
+    frame.locator("#lh-min").fill("-1")
+    frame.locator("#lh-min").press("Enter")
+    assert "needs min > 0" in frame.locator("#lh-message").inner_text()
+    for control, value in [("#lh-compare", ""), ("#lh-range", "robust"), ("#lh-scale", "linear")]:
+        frame.locator(control).select_option(value)
     assert errors == []

@@ -108,3 +108,23 @@ export function formatStep(step) {
   }
   return String(step);
 }
+
+// Round tick values between first and last, about `wanted` of them: 1, 2 or 5 times a power of ten apart.
+export function niceTicks(first, last, wanted) {
+  if (!(last > first)) {
+    return [first];
+  }
+  const raw = (last - first) / Math.max(1, wanted);
+  const power = Math.pow(10, Math.floor(Math.log10(raw)));
+  const interval = [1, 2, 5, 10].map((factor) => factor * power).find((value) => value >= raw);
+  const start = Math.ceil(first / interval);
+  const ticks = [];
+  for (let i = 0; i <= wanted + 1; i++) {
+    const tick = Number(((start + i) * interval).toPrecision(12));
+    if (tick > last) {
+      break;
+    }
+    ticks.push(tick);
+  }
+  return ticks;
+}

@@ -45,7 +45,7 @@ export class Dashboard {
     this.runs = {};
     this.cache = new Map();
     this.state = {
-      run: "", tag: "", view: "matrix", column: -1, compare: "", scale: "linear", range: "auto",
+      run: "", tag: "", view: "matrix", column: -1, compare: "", scale: "linear", range: "robust",
       min: "", max: "", cmap: "viridis", sample: -1, follow: true, cell: null,
     };
     this.lastSignal = -Infinity;
@@ -69,7 +69,8 @@ export class Dashboard {
     const c = this.controls;
     setOptions(c.view, [["matrix", "layer × component at a step"], ["history", "layer × step"]], "matrix");
     setOptions(c.scale, [["linear", "linear"], ["log", "log"]], "linear");
-    setOptions(c.range, [["auto", "automatic"], ["fixed", "fixed"]], "auto");
+    setOptions(c.range, [["robust", "auto: 1st–99th percentile"], ["minmax", "auto: min–max"],
+                         ["step", "auto: this step"], ["fixed", "fixed"]], "robust");
     setOptions(c.cmap, COLOR_MAPS.map((name) => [name, name]), "viridis");
     this.columnField = labelled("Column", c.column);
     this.fixedFields = element("span", {class: "lh-fixed"}, [c.min, c.max]);
@@ -217,7 +218,7 @@ export class Dashboard {
     if (content.color_limits) {
       Object.assign(this.state, {range: "fixed", min: String(content.color_limits[0]), max: String(content.color_limits[1])});
     } else {
-      this.state.range = "auto";
+      this.state.range = "robust";
     }
   }
 
@@ -260,42 +261,79 @@ export class Dashboard {
     return content.pooled_column && count > 1 ? columns.slice(0, -1) : columns;
   }
 
-  // Automatic range: the finite values (positive ones on a log scale) of every shown cell over the whole
-  // history of every run on screen, so colours do not jump while scrubbing; symmetric about 0 when diverging.
-  autoRange(seriesList, columns, missing, log) {
-    const key = [...seriesList.map((s) => `${s.run}:${s.samples}`), columns.join(","), log].join("|");
+  // Automatic range over the finite values (positive ones on a log scale) of every shown cell of `picks`
+  // ({series, from, to}: sample ranges). "robust" takes the 1st to 99th percentile (from a 2048-bin
+  // histogram, in log space on a log scale), so a few extreme samples do not wash out the picture; values
+  // beyond are drawn at the ends of the colour bar, which then reads <= and >=.
+  autoRange(picks, columns, missing, log, robust) {
+    const key = [...picks.map((p) => `${p.series.run}:${p.series.samples}:${p.from}:${p.to}`), columns.join(","), log, robust].join("|");
     if (this.rangeMemo.has(key)) {
       return this.rangeMemo.get(key);
     }
-    let low = Infinity;
-    let high = -Infinity;
-    for (const series of seriesList) {
+    // The shown finite values (log10 on a log scale), gathered once into one typed array.
+    let total = 0;
+    for (const {series, from, to} of picks) {
+      total += (to - from) * series.rows * columns.length;
+    }
+    const gathered = new Float32Array(total);
+    let count = 0;
+    for (const {series, from, to} of picks) {
       const {rows, columns: width, values} = series;
-      for (let sample = 0; sample < series.samples; sample++) {
-        for (let row = 0; row < rows; row++) {
-          const base = (sample * rows + row) * width;
-          for (const column of columns) {
-            if (missing.has(row * width + column)) {
-              continue;
-            }
-            const value = values[base + column];
-            if (Number.isFinite(value) && (!log || value > 0)) {
-              if (value < low) low = value;
-              if (value > high) high = value;
-            }
+      const shown = [];
+      for (let row = 0; row < rows; row++) {
+        for (const column of columns) {
+          if (!missing.has(row * width + column)) {
+            shown.push(row * width + column);
+          }
+        }
+      }
+      for (let sample = from; sample < to; sample++) {
+        const base = sample * rows * width;
+        for (let i = 0; i < shown.length; i++) {
+          const value = values[base + shown[i]];
+          if (value === value && value !== Infinity && value !== -Infinity && (!log || value > 0)) {
+            gathered[count++] = log ? Math.log10(value) : value;
           }
         }
       }
     }
-    const range = Number.isFinite(low) ? [low, high] : null;
+    let low = Infinity;
+    let high = -Infinity;
+    for (let i = 0; i < count; i++) {
+      const value = gathered[i];
+      if (value < low) low = value;
+      if (value > high) high = value;
+    }
+    let range = null;
+    if (count) {
+      let [from, to] = [low, high];
+      if (robust && count >= 100 && high > low) {
+        const bins = new Uint32Array(2048);
+        const scale = bins.length / (high - low);
+        for (let i = 0; i < count; i++) {
+          bins[Math.min(bins.length - 1, Math.floor((gathered[i] - low) * scale))]++;
+        }
+        const width = (high - low) / bins.length;
+        let seen = 0;
+        let first = 0;
+        while (first < bins.length - 1 && (seen += bins[first]) < 0.01 * count) first++;
+        seen = 0;
+        let last = bins.length - 1;
+        while (last > first && (seen += bins[last]) < 0.01 * count) last--;
+        [from, to] = [Math.max(low, low + first * width), Math.min(high, low + (last + 1) * width)];
+      }
+      const value = (x) => (log ? Math.pow(10, x) : x);
+      range = {low: value(from), high: value(to), clippedLow: from > low, clippedHigh: to < high};
+    }
     this.rangeMemo.set(key, range);
     return range;
   }
 
-  colorScale(seriesList, columns, missing) {
+  colorScale(seriesList, columns, missing, samples) {
     const log = this.state.scale === "log";
     let low;
     let high;
+    let clipped = {clippedLow: false, clippedHigh: false};
     let problem = null;
     if (this.state.range === "fixed") {
       low = Number(this.state.min);
@@ -307,8 +345,15 @@ export class Dashboard {
       }
     }
     if (this.state.range !== "fixed" || problem) {
-      const range = this.autoRange(seriesList, columns, missing, log) || [log ? 1e-3 : 0, 1];
-      [low, high] = range;
+      // "this step" means the picture on screen: in the layer x step view, that is the whole history.
+      const atStep = this.state.range === "step" && this.state.view === "matrix";
+      const picks = seriesList.map((series, index) => ({
+        series, from: atStep ? samples[index] : 0, to: atStep ? samples[index] + 1 : series.samples,
+      }));
+      const range = this.autoRange(picks, columns, missing, log, this.state.range === "robust" || !!problem)
+        || {low: log ? 1e-3 : 0, high: 1, clippedLow: false, clippedHigh: false};
+      ({low, high} = range);
+      clipped = range;
       if (this.state.cmap === "diverging" && !log) {
         const extent = Math.max(Math.abs(low), Math.abs(high)) || 1;
         [low, high] = [-extent, extent];
@@ -317,7 +362,10 @@ export class Dashboard {
         [low, high] = log ? [low / 2, low * 2] : [low - 1, high + 1];
       }
     }
-    return {scale: new ColorScale(low, high, log), problem};
+    const scale = new ColorScale(low, high, log);
+    scale.clippedLow = clipped.clippedLow;
+    scale.clippedHigh = clipped.clippedHigh;
+    return {scale, problem};
   }
 
   render() {
@@ -361,7 +409,8 @@ export class Dashboard {
     const missing = this.missingMap(content);
     const columns = this.shownColumns(content);
     const all = [primary, secondary].filter((series) => series && series.samples && series.columns === primary.columns);
-    const {scale, problem} = this.colorScale(all, columns, missing);
+    const samples = all.map((series, index) => (index === 0 ? this.state.sample : series.sampleAtStep(step)));
+    const {scale, problem} = this.colorScale(all, columns, missing, samples);
     this.message.textContent = problem || "";
 
     const totalWidth = Math.max(320, this.root.clientWidth - 8);
@@ -384,7 +433,7 @@ export class Dashboard {
     all.forEach((series, index) => {
       const heatmap = this.heatmaps[index];
       heatmap.series = series;
-      heatmap.sample = index === 0 ? this.state.sample : series.sampleAtStep(step);
+      heatmap.sample = samples[index];
       heatmap.canvas.dataset.run = series.run;
       heatmap.draw(this.spec(series, heatmap.sample, content, columns, missing, scale), width, height);
     });

@@ -5,7 +5,7 @@
 // canvas as data attributes (data-plot-left, -top, -width, -height, data-rows, data-columns) so that
 // scripts and tests can find the pixel of a cell.
 
-import {MISSING_COLOR, NONFINITE_COLOR, colorTable, formatShort, formatStep} from "./colors.js";
+import {MISSING_COLOR, NONFINITE_COLOR, colorTable, formatShort, formatStep, niceTicks} from "./colors.js";
 
 const FONT = "12px Roboto, sans-serif";
 const COLOR_BAR_WIDTH = 14;
@@ -41,7 +41,7 @@ export class Heatmap {
     const rotate = spec.columnLabels && spec.columns * 14 > 0 && columnLabelWidth + 6 > (cssWidth - left - 90) / spec.columns;
     const bottom = 34 + (rotate ? Math.min(columnLabelWidth, 120) : 14);
     const top = 26;
-    const right = 112;
+    const right = 126;
     const width = Math.max(40, cssWidth - left - right);
     const height = Math.max(40, cssHeight - top - bottom);
     this.plot = {left, top, width, height};
@@ -141,17 +141,11 @@ export class Heatmap {
         }
       }
     } else if (spec.columnSteps && spec.columns) {
-      // Ticks at round steps (1, 2 or 5 times a power of ten apart), each at the first sample at or after it.
+      // Ticks at round steps, each at the first sample at or after it.
       const steps = spec.columnSteps;
-      const first = steps[0];
-      const last = steps[spec.columns - 1];
-      const wanted = Math.max(2, Math.floor(width / 90));
-      const raw = Math.max(1, (last - first) / wanted);
-      const power = Math.pow(10, Math.floor(Math.log10(raw)));
-      const interval = [1, 2, 5, 10].map((f) => f * power).find((value) => value >= raw);
       context.textAlign = "center";
       let column = 0;
-      for (let tick = Math.ceil(first / interval) * interval; tick <= last; tick += interval) {
+      for (const tick of niceTicks(steps[0], steps[spec.columns - 1], Math.max(2, Math.floor(width / 90)))) {
         while (column < spec.columns - 1 && steps[column] < tick) {
           column++;
         }
@@ -184,10 +178,12 @@ export class Heatmap {
     context.textAlign = "left";
     context.textBaseline = "middle";
     for (const fraction of [0, 0.25, 0.5, 0.75, 1]) {
-      context.fillText(formatShort(spec.scale.valueAt(fraction)), x + COLOR_BAR_WIDTH + 4, y + height * (1 - fraction));
+      // Ends that clip values beyond them (a percentile range) read <= and >=.
+      const bound = fraction === 0 && spec.scale.clippedLow ? "≤ " : fraction === 1 && spec.scale.clippedHigh ? "≥ " : "";
+      context.fillText(bound + formatShort(spec.scale.valueAt(fraction)), x + COLOR_BAR_WIDTH + 4, y + height * (1 - fraction));
     }
     context.save();
-    context.translate(x + COLOR_BAR_WIDTH + 70, y + height / 2);
+    context.translate(x + COLOR_BAR_WIDTH + 84, y + height / 2);
     context.rotate(Math.PI / 2);
     context.textAlign = "center";
     context.fillText(spec.metric + (spec.scale.log ? " (log)" : ""), 0, 0);

@@ -1,7 +1,7 @@
 // A line chart of one cell over steps (one line per run), on a <canvas>. Non-finite values break the line
 // and are marked with a magenta tick at the bottom.
 
-import {formatShort, formatStep} from "./colors.js";
+import {formatShort, formatStep, niceTicks} from "./colors.js";
 
 const FONT = "12px Roboto, sans-serif";
 
@@ -65,8 +65,8 @@ export function drawLineChart(canvas, {title, lines, log, currentStep}, cssWidth
   }
   context.textAlign = "center";
   context.textBaseline = "top";
-  for (const fraction of [0, 0.25, 0.5, 0.75, 1]) {
-    context.fillText(formatStep(Math.round(first + fraction * span)), left + fraction * width, top + height + 4);
+  for (const tick of niceTicks(first, last, Math.max(2, Math.floor(width / 100)))) {
+    context.fillText(formatStep(tick), x(tick), top + height + 4);
   }
   context.fillText("step", left + width / 2, top + height + 18);
 
