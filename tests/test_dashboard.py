@@ -384,3 +384,46 @@ def test_browser_non_finite_values_click_chart_and_compare(dashboard, tmp_path):
     for control, value in [("#lh-compare", ""), ("#lh-range", "robust"), ("#lh-scale", "linear")]:
         frame.locator(control).select_option(value)
     assert errors == []
+
+
+def test_probe_intervention_and_expert_matrices_are_written(tmp_path):
+    """Every other callback's matrix reaches the event file with its kind and labels, equal to its npz."""
+    import torch
+
+    from families import build
+    from lightning_heatmaps import ExpertHeatmap, InterventionHeatmap, ProbeHeatmap
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(6, 40, (16, 8), generator=generator)
+    labels = torch.arange(16) % 2
+    callbacks = [ProbeHeatmap(ids, labels, every_n_steps=2),
+                 InterventionHeatmap([[3, 4, 5, 6]], [(0, 2)], every_n_steps=2)]
+    make_trainer(tmp_path / "lens", callbacks, max_steps=2).fit(TokenModel(tiny_llama()), token_loader(batches=2))
+    model = TokenModel(build("mixtral"))
+    make_trainer(tmp_path / "moe", [ExpertHeatmap(every_n_steps=1)], max_steps=2).fit(
+        model, token_loader(batches=2, batch_size=2, length=8))
+    expected = {
+        "lens": {"matrices/probe_auc/layer_x_position": ("layer_x_position", "token position", "probe_auc"),
+                 "matrices/intervention_jsd/layer_x_site": ("layer_x_site", "intervention site", "intervention_jsd")},
+        "moe": {"matrices/expert_token_share": ("layer_x_expert", "expert", None),
+                "matrices/expert_grad_norm": ("layer_x_expert", "expert", None)},
+    }
+    for run, tags in expected.items():
+        directory = tmp_path / run / "lightning_logs" / "version_0"
+        accumulator = EventAccumulator(_event_file(directory), size_guidance={"tensors": 0})
+        accumulator.Reload()
+        assert set(accumulator.PluginTagToContent(PLUGIN_NAME)) == set(tags)
+        for tag, (kind, column_axis, metric) in tags.items():
+            metadata = accumulator.SummaryMetadata(tag)
+            assert metadata.plugin_data.plugin_name == PLUGIN_NAME
+            content = read_content(metadata.plugin_data.content)
+            assert (content["kind"], content["column_axis"]) == (kind, column_axis)
+            latest = tensor_util.make_ndarray(accumulator.Tensors(tag)[-1].tensor_proto)
+            if metric is not None:  # a lens heatmap: its own npz
+                npz = np.load(directory / "heatmaps" / metric / f"{tag.rsplit('/', 1)[1]}.npz")
+                assert content["column_labels"] == npz["column_labels"].tolist()
+                np.testing.assert_array_equal(latest, npz["values"].astype(np.float32))
+            else:  # layer x expert: the layer x component npz, plus the pooled column
+                npz = np.load(directory / "heatmaps" / tag.split("/")[1] / "layer_x_component.npz")
+                assert content["column_labels"] == ["0", "1", "2", "3", "all"] and content["pooled_column"] is True
+                np.testing.assert_array_equal(latest[:, :-1], npz["values"].astype(np.float32))
