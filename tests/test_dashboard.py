@@ -10,7 +10,6 @@ TensorBoard's own WSGI app serves the plugin, with the default Rust data server 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
