@@ -151,7 +151,8 @@ export class Dashboard {
   }
 
   content(run = this.state.run) {
-    return (this.runs[run] || {})[this.state.tag] || null;
+    const content = (this.runs[run] || {})[this.state.tag];
+    return content && Array.isArray(content.column_labels) ? content : null;
   }
 
   // Reloads the listing and fetches what is new of the series on screen; one refresh at a time.
@@ -190,7 +191,9 @@ export class Dashboard {
     const c = this.controls;
     const runs = Object.keys(this.runs).sort();
     this.state.run = setOptions(c.run, runs.map((run) => [run, run]), this.state.run);
+    // A tag whose content this version cannot read (the plugin reports {"error": ...}) is not offered.
     const tags = Object.entries(this.runs[this.state.run] || {})
+      .filter(([, content]) => Array.isArray(content.row_labels) && Array.isArray(content.column_labels))
       .sort(([a], [b]) => a.localeCompare(b))
       .map(([tag, content]) => [tag, `${content.metric || tag} · ${(content.kind || "").replace(/_x_/g, " × ")} (${content.callback || "?"})`]);
     const tag = setOptions(c.tag, tags, this.state.tag);
