@@ -399,13 +399,14 @@ def test_probe_intervention_and_expert_matrices_are_written(tmp_path):
                  InterventionHeatmap([[3, 4, 5, 6]], [(0, 2)], every_n_steps=2)]
     make_trainer(tmp_path / "lens", callbacks, max_steps=2).fit(TokenModel(tiny_llama()), token_loader(batches=2))
     model = TokenModel(build("mixtral"))
-    make_trainer(tmp_path / "moe", [ExpertHeatmap(every_n_steps=1)], max_steps=2).fit(
+    make_trainer(tmp_path / "moe", [ExpertHeatmap(every_n_steps=1), ActivationHeatmap(every_n_steps=1)], max_steps=2).fit(
         model, token_loader(batches=2, batch_size=2, length=8))
     expected = {
         "lens": {"matrices/probe_auc/layer_x_position": ("layer_x_position", "token position", "probe_auc"),
                  "matrices/intervention_jsd/layer_x_site": ("layer_x_site", "intervention site", "intervention_jsd")},
         "moe": {"matrices/expert_token_share": ("layer_x_expert", "expert", None),
-                "matrices/expert_grad_norm": ("layer_x_expert", "expert", None)},
+                "matrices/expert_grad_norm": ("layer_x_expert", "expert", None),
+                "matrices/activation_rms": ("layer_x_component", "component", None)},
     }
     for run, tags in expected.items():
         directory = tmp_path / run / "lightning_logs" / "version_0"
@@ -422,7 +423,12 @@ def test_probe_intervention_and_expert_matrices_are_written(tmp_path):
                 npz = np.load(directory / "heatmaps" / metric / f"{tag.rsplit('/', 1)[1]}.npz")
                 assert content["column_labels"] == npz["column_labels"].tolist()
                 np.testing.assert_array_equal(latest, npz["values"].astype(np.float32))
-            else:  # layer x expert: the layer x component npz, plus the pooled column
+            else:  # the layer x component (or expert) npz, plus the pooled column
                 npz = np.load(directory / "heatmaps" / tag.split("/")[1] / "layer_x_component.npz")
-                assert content["column_labels"] == ["0", "1", "2", "3", "all"] and content["pooled_column"] is True
+                assert content["column_labels"] == [*npz["component_labels"].tolist(), "all"] and content["pooled_column"] is True
                 np.testing.assert_array_equal(latest[:, :-1], npz["values"].astype(np.float32))
+                # Cells with no value by construction, and why: 3-D experts compute inside one forward, so
+                # their activations cannot be hooked ("not monitored"); nothing is frozen here.
+                expected_missing = [[int(r), int(c), "not monitored"] for r, c in zip(*np.nonzero(npz["missing"]))]
+                assert content["missing"] == expected_missing
+                assert bool(expected_missing) == (tag == "matrices/activation_rms")
