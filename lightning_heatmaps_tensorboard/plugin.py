@@ -39,6 +39,7 @@ STATIC_FILES = {
     "colors.js": "text/javascript",
     "heatmap.js": "text/javascript",
     "linechart.js": "text/javascript",
+    "canvas.js": "text/javascript",
     "host.js": "text/javascript",
     "style.css": "text/css",
 }

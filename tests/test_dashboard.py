@@ -18,11 +18,10 @@ import time
 import lightning as L
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 from torch.utils.tensorboard import SummaryWriter
 
-from conftest import TokenModel, make_trainer, tiny_llama, token_loader
+from conftest import TokenModel, make_trainer, read_events, tiny_llama, token_loader
 from lightning_heatmaps import ActivationHeatmap, GradientHeatmap, LogitLensHeatmap
 from lightning_heatmaps.sinks import TensorBoardSink
 from lightning_heatmaps_tensorboard.metadata import PLUGIN_NAME, matrix_content, matrix_tag, read_content
@@ -58,15 +57,9 @@ def logdir(tmp_path_factory):
 COMPONENTS = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.gate", "mlp.down"]
 
 
-def _event_file(directory):
-    return next(os.path.join(directory, name) for name in sorted(os.listdir(directory)) if name.startswith("events"))
-
-
 @pytest.fixture(scope="module")
 def events(logdir):
-    accumulator = EventAccumulator(_event_file(logdir / "train"), size_guidance={"tensors": 0, "scalars": 0})
-    accumulator.Reload()
-    return accumulator
+    return read_events(logdir / "train")
 
 
 def _client(logdir, load_fast):
@@ -410,8 +403,7 @@ def test_probe_intervention_and_expert_matrices_are_written(tmp_path):
     }
     for run, tags in expected.items():
         directory = tmp_path / run / "lightning_logs" / "version_0"
-        accumulator = EventAccumulator(_event_file(directory), size_guidance={"tensors": 0})
-        accumulator.Reload()
+        accumulator = read_events(directory)
         assert set(accumulator.PluginTagToContent(PLUGIN_NAME)) == set(tags)
         for tag, (kind, column_axis, metric) in tags.items():
             metadata = accumulator.SummaryMetadata(tag)

@@ -410,6 +410,7 @@ export class Dashboard {
     this.stepLabel.textContent = `step ${step} (sample ${this.state.sample + 1} of ${primary.samples})`;
 
     const missing = this.missingMap(content);
+    this.missing = missing;  // the tooltip reads it on every mouse move
     const columns = this.shownColumns(content);
     const all = [primary, secondary].filter((series) => series && series.samples && series.columns === primary.columns);
     const samples = all.map((series, index) => (index === 0 ? this.state.sample : series.sampleAtStep(step)));
@@ -499,7 +500,7 @@ export class Dashboard {
     }
     const content = this.content();
     const series = heatmap.series;
-    const reason = this.missingMap(content).get(cell.row * series.columns + cell.column);
+    const reason = this.missing.get(cell.row * series.columns + cell.column);
     const value = series.value(cell.sample, cell.row, cell.column);
     const text = reason || formatExact(value);
     const lines = [

@@ -5,9 +5,8 @@
 // canvas as data attributes (data-plot-left, -top, -width, -height, data-rows, data-columns) so that
 // scripts and tests can find the pixel of a cell.
 
+import {FONT, prepareCanvas} from "./canvas.js";
 import {MISSING_COLOR, NONFINITE_COLOR, colorTable, formatShort, formatStep, niceTicks} from "./colors.js";
-
-const FONT = "12px Roboto, sans-serif";
 const COLOR_BAR_WIDTH = 14;
 
 export class Heatmap {
@@ -22,16 +21,8 @@ export class Heatmap {
   draw(spec, cssWidth, cssHeight) {
     const started = performance.now();
     this.spec = spec;
-    const ratio = window.devicePixelRatio || 1;
     const canvas = this.canvas;
-    canvas.style.width = `${cssWidth}px`;
-    canvas.style.height = `${cssHeight}px`;
-    canvas.width = Math.round(cssWidth * ratio);
-    canvas.height = Math.round(cssHeight * ratio);
-    const context = canvas.getContext("2d");
-    context.setTransform(ratio, 0, 0, ratio, 0, 0);
-    context.clearRect(0, 0, cssWidth, cssHeight);
-    context.font = FONT;
+    const context = prepareCanvas(canvas, cssWidth, cssHeight);
 
     const rowLabelWidth = Math.max(...spec.rowLabels.map((label) => context.measureText(label).width), 10);
     const left = Math.ceil(rowLabelWidth) + 34;

@@ -1,20 +1,11 @@
 // A line chart of one cell over steps (one line per run), on a <canvas>. Non-finite values break the line
 // and are marked with a magenta tick at the bottom.
 
+import {FONT, prepareCanvas} from "./canvas.js";
 import {formatShort, formatStep, niceTicks} from "./colors.js";
 
-const FONT = "12px Roboto, sans-serif";
-
 export function drawLineChart(canvas, {title, lines, log, currentStep}, cssWidth, cssHeight) {
-  const ratio = window.devicePixelRatio || 1;
-  canvas.style.width = `${cssWidth}px`;
-  canvas.style.height = `${cssHeight}px`;
-  canvas.width = Math.round(cssWidth * ratio);
-  canvas.height = Math.round(cssHeight * ratio);
-  const context = canvas.getContext("2d");
-  context.setTransform(ratio, 0, 0, ratio, 0, 0);
-  context.clearRect(0, 0, cssWidth, cssHeight);
-  context.font = FONT;
+  const context = prepareCanvas(canvas, cssWidth, cssHeight);
 
   const transform = (value) => (log ? (value > 0 ? Math.log10(value) : NaN) : value);
   let low = Infinity;
