@@ -365,6 +365,8 @@ def test_browser_non_finite_values_click_chart_and_compare(dashboard, tmp_path):
 
     frame.locator("#lh-range").select_option("fixed")
     frame.locator("#lh-min").fill("0.01")
+    # A render while min is still being typed (as a live refresh does) must not lose what was typed.
+    frame.locator("#lh-root").evaluate("() => window.dispatchEvent(new Event('resize'))")
     frame.locator("#lh-max").fill("2")
     frame.locator("#lh-max").press("Enter")
     frame.locator("#lh-scale").select_option("log")

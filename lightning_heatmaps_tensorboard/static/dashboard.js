@@ -223,6 +223,16 @@ export class Dashboard {
     } else {
       this.state.range = "robust";
     }
+    this.syncControls();
+  }
+
+  // Shows state that changed without the user (a metric's defaults) in the controls. Only then: a render
+  // that rewrote them would lose what the user is typing when a live refresh lands.
+  syncControls() {
+    const c = this.controls;
+    for (const name of ["view", "scale", "range", "cmap", "min", "max"]) {
+      c[name].value = this.state[name];
+    }
   }
 
   async select(change) {
@@ -378,12 +388,6 @@ export class Dashboard {
     const content = this.content();
     const primary = this.primary();
     const secondary = this.secondary();
-    c.view.value = this.state.view;
-    c.scale.value = this.state.scale;
-    c.range.value = this.state.range;
-    c.cmap.value = this.state.cmap;
-    c.min.value = this.state.min;
-    c.max.value = this.state.max;
     this.fixedFields.hidden = this.state.range !== "fixed";
     this.columnField.hidden = this.state.view !== "history";
     c.follow.textContent = this.state.follow ? "❚❚ following newest" : "▶ follow newest";
