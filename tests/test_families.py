@@ -95,38 +95,104 @@ def test_phi3_gqa_qkv_and_gate_up_split_as_phi3_splits_them():
     assert _sumsq(_component(layer_map, 1, "mlp.up"), lambda p: p.grad) == pytest.approx(float(torch.linalg.vector_norm(up.double()) ** 2))
 
 
+#: The fused q/k/v projection of the first block, by family (the module whose output the attention splits).
+FUSED_QKV = {
+    "falcon": "transformer.h.0.self_attention.query_key_value",
+    "bloom": "transformer.h.0.self_attention.query_key_value",
+    "gpt_bigcode": "transformer.h.0.attn.c_attn",
+    "codegen": "transformer.h.0.attn.qkv_proj",
+    "gpt2": "transformer.h.0.attn.c_attn",
+    "gpt_neox": "gpt_neox.layers.0.attention.query_key_value",
+    "phi3": "model.layers.0.self_attn.qkv_proj",
+    "mpt": "transformer.blocks.0.attn.Wqkv",
+}
+
+
+def _attention_states_of_marked_projection(model, fused):
+    """The (query, key, value) states the model's own attention computes with, when output feature ``j`` of the
+    fused projection reads ``j + 1``: a one-token forward (rotary embeddings are the identity at position 0).
+
+    The states are read through transformers' public attention-function registry where the family dispatches
+    through it; a family that computes attention inline (Bloom, MPT) is read through a torch function mode: the
+    operands of its first product of two marked tensors (q and k^T) and the right operand of the next (v).
+    """
+    from torch.overrides import TorchFunctionMode
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    width = fused.weight.shape[1] if type(fused).__name__ == "Conv1D" else fused.weight.shape[0]
+    marker = torch.arange(1, width + 1, dtype=torch.float32)
+    captured = []
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        captured.append((query, key, value))
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+    products = (torch.matmul, torch.bmm, torch.baddbmm, torch.Tensor.matmul, torch.Tensor.__matmul__,
+                torch.Tensor.bmm, torch.Tensor.baddbmm)
+    marked = lambda t: isinstance(t, torch.Tensor) and t.numel() > 0 and bool(
+        torch.isin(t.detach().flatten(), marker).all())
+
+    class Products(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.operands = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in products:
+                tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+                if func in (torch.baddbmm, torch.Tensor.baddbmm):
+                    tensors = [kwargs.get("batch1", tensors[1] if len(tensors) > 1 else None),
+                               kwargs.get("batch2", tensors[2] if len(tensors) > 2 else None)]
+                self.operands.append([t.detach().clone() for t in tensors[-2:]])
+            return func(*args, **kwargs)
+
+    AttentionInterface.register("marker_capture", capture)
+    handle = fused.register_forward_hook(lambda module, args, output: marker.expand(*output.shape[:-1], width).clone())
+    try:
+        model.set_attn_implementation("marker_capture")
+        products_mode = Products()
+        with torch.no_grad(), products_mode:
+            model(input_ids=torch.tensor([[3]]))
+    finally:
+        handle.remove()
+    if captured:
+        return captured[0]
+    operands = products_mode.operands
+    first = next(i for i, (a, b) in enumerate(operands) if marked(a) and marked(b))
+    q, k_transposed = operands[first]
+    v = next(b for a, b in operands[first + 1:] if marked(b))
+    return q, k_transposed, v
+
+
 @pytest.mark.parametrize("variant", [
     ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2)),
     ("falcon", dict(multi_query=True)),
     ("falcon", dict(multi_query=False, new_decoder_architecture=False)),
-    ("bloom", {}),
-    ("gpt_bigcode", {}),
-    ("codegen", {}),
+    *[(family, {}) for family in ("bloom", "gpt_bigcode", "codegen", "gpt2", "gpt_neox", "phi3", "mpt")],
 ])
 def test_fused_qkv_matches_the_models_own_split(variant):
     family, overrides = variant
     model = build(family, **overrides)
     layer_map = resolve_layers(model)
-    block = model.transformer.h[0]
-    attention = getattr(block, "self_attention", None) or block.attn
-    fused = getattr(attention, "query_key_value", None) or getattr(attention, "c_attn", None) or attention.qkv_proj
-    out_features = fused.weight.shape[0]
-    # Feed one-hot output features through the model's own split: where each output row lands is its part.
-    marker = torch.arange(1, out_features + 1, dtype=torch.float32)[None, None]
-    if family == "falcon":
-        q, k, v = attention._split_heads(marker)
-    elif family == "bloom":
-        q, k, v = attention._reshape(marker)
-    elif family == "gpt_bigcode":
-        q, k, v = marker.split((attention.embed_dim, attention.kv_dim, attention.kv_dim), dim=-1)
-    else:  # CodeGen: 4 groups of [q | v | k]
-        local = attention.embed_dim // 4
-        q, v, k = marker.reshape(1, 1, 4, -1).split(local, dim=-1)
+    fused = model.get_submodule(FUSED_QKV[family])
+    q, k, v = _attention_states_of_marked_projection(model, fused)
+    conv1d = type(fused).__name__ == "Conv1D"  # GPT-2 stores its weight as (in, out)
+    width = fused.weight.shape[1] if conv1d else fused.weight.shape[0]
     for name, part in (("attn.q", q), ("attn.k", k), ("attn.v", v)):
-        rows = sorted({int(x) - 1 for x in part.flatten().tolist()})
+        features = sorted({int(x) - 1 for x in part.flatten().tolist()})
+        assert len(features) == part.numel(), (name, "a feature reached two places: not a marker split")
         component = _component(layer_map, 0, name)
-        ours = component.params[0].view(fused.weight)
-        torch.testing.assert_close(ours.reshape(-1, fused.weight.shape[1]), fused.weight[rows])
+        marker = torch.arange(1, width + 1, dtype=torch.float32)[None, None]
+        assert sorted(int(x) - 1 for x in component.activation((), {}, marker).flatten().tolist()) == features
+        for ref in component.params:  # the weight and its bias: each output feature's index, sliced as ours
+            param = ref.param
+            out_dim = 1 if conv1d and param.dim() == 2 else 0
+            index = torch.arange(param.shape[out_dim]).reshape([-1 if d == out_dim else 1 for d in range(param.dim())])
+            sliced = ref.view(index.expand(param.shape))
+            assert sorted(set(sliced.flatten().tolist())) == features, (name, ref.name)
+            assert sliced.numel() == len(features) * param.numel() // param.shape[out_dim]
 
 
 class OldStyleExpert(nn.Module):
