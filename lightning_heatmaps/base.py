@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_heatmaps.distributed import check_strategy, check_tensor_placement, register_fsdp1_shards
-from lightning_heatmaps.layers import LayerMap, ModuleSelection, layer_tags, resolve_layers
+from lightning_heatmaps.layers import LayerMap, ModuleSelection, layer_tags, resolve_layers, selection_key
 from lightning_heatmaps.reductions import ALL_COMPONENTS, MetricDefinition, metric_table
 from lightning_heatmaps.render import metric_images
 from lightning_heatmaps.ring_buffer import POLICIES, RingBuffer
@@ -152,8 +152,8 @@ class HeatmapCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(metrics=self.metrics, every_n_steps=self.every_n_steps, modules=repr(self.modules),
-                                        name=self.name)
+        return self._generate_state_key(metrics=self.metrics, every_n_steps=self.every_n_steps,
+                                        modules=selection_key(self.modules), name=self.name)
 
     @property
     def output_names(self) -> list[str]:

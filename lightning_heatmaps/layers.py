@@ -32,6 +32,29 @@ CANONICAL_COMPONENTS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.g
 ModuleSelection = Union[Mapping[str, str], Callable[[str, nn.Module], Union[tuple[int, str], None]]]
 
 
+def selection_key(modules: ModuleSelection | None) -> str:
+    """What identifies a ``modules`` selection in every process, for a callback's ``state_key``.
+
+    A mapping is its own ``repr`` (regexes and names). A callable is named by its module, qualified name and, for
+    a function (a lambda too), the line it is defined on: its ``repr`` holds a memory address, which differs in
+    the process that resumes the run. Two callables with the same name are told apart by ``name=``.
+
+    Example:
+        >>> selection_key({"mlp$": "mlp"})
+        "{'mlp$': 'mlp'}"
+        >>> selection_key(len)
+        'builtins.len'
+    """
+    if modules is None or isinstance(modules, Mapping):
+        return repr(modules)
+    function = getattr(modules, "__func__", modules)  # a bound method: its function
+    if not hasattr(function, "__qualname__"):
+        function = type(function)  # a callable object: its class
+    code = getattr(function, "__code__", None)
+    line = f":{code.co_firstlineno}" if code is not None else ""
+    return f"{getattr(function, '__module__', None)}.{function.__qualname__}{line}"
+
+
 @dataclass(frozen=True)
 class FusedPart:
     """Part ``index`` of a fused dimension laid out as ``groups`` repeats of segments of ``sizes``.

@@ -97,3 +97,23 @@ def test_resumed_run_continues_the_history(tmp_path):
     saved = np.load(os.path.join(second.logger.log_dir, "heatmaps", "activation_rms", "layer_x_step.npz"))
     assert saved["steps"].tolist() == [0, 2, 4, 6, 8]  # before and after the resume, none twice, none missing
     assert np.isfinite(saved["values"]).all()
+
+
+def test_a_resume_in_a_new_process_continues_the_history_of_a_callable_selection(tmp_path):
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "resume_script.py")
+
+    def fit(*arguments):
+        done = subprocess.run([sys.executable, script, str(tmp_path), *arguments], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.strip().splitlines()[-1]
+
+    checkpoint = fit("5")
+    assert os.path.isfile(checkpoint)
+    fit("10", checkpoint)
+    saved = np.load(os.path.join(tmp_path, "run", "version_0", "heatmaps", "activation_rms", "layer_x_step.npz"))
+    assert saved["steps"].tolist() == [0, 2, 4, 6, 8]  # the first process's samples came back with the checkpoint
+    assert np.isfinite(saved["values"]).all()
