@@ -21,6 +21,8 @@ COMPONENT_ORDER = (
     "mlp.up", "mlp.gate", "mlp.down",
     "mlp.router",
     "mlp.experts.up", "mlp.experts.gate", "mlp.experts.down",
+    # fused tensors whose layout could not be confirmed, monitored whole
+    "attn.qkv", "mlp.gate_up", "mlp.experts.gate_up",
     "mlp.shared.up", "mlp.shared.gate", "mlp.shared.down", "mlp.shared.router",
 )
 
@@ -67,7 +69,8 @@ LEAVES: Mapping[str, Mapping[str, str]] = {
 }
 
 #: The expert tensors of fused mixture-of-experts modules (transformers 5 stores every expert in one
-#: 3-D parameter ``[experts, out, in]``): attribute -> role, or a fused ``[gate | up]``.
+#: 3-D parameter, ``[experts, out, in]`` or ``[experts, in, out]``): attribute -> role, or a fused gate/up
+#: pair whose layout the module itself must confirm. A ``<attribute>_bias`` pools with its weight's role.
 EXPERT_PARAMETERS: Mapping[str, str] = {
     "gate_up_proj": "fused:gate_up", "down_proj": "down", "up_proj": "up", "gate_proj": "gate",
     "w1": "gate", "w2": "down", "w3": "up",

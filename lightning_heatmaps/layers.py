@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_heatmaps.architectures import (
-    ADAPTER_SEGMENTS, COMPONENT_ORDER, EXPERT_PARAMETERS, FUSED_QKV_LAYOUTS, LEAVES, NORM_CLASS_HINTS, QKV,
+    ADAPTER_SEGMENTS, COMPONENT_ORDER, EXPERT_PARAMETERS, FUSED_QKV_LAYOUTS, LEAVES, NORM_CLASS_HINTS, QKV, _hidden,
     SEGMENT_ROLES, SUBTREES, WRAPPER_SEGMENTS, FusedLayout,
 )
 
@@ -228,6 +228,8 @@ class LayerMap:
     skipped: list[str] = field(default_factory=list)
     #: why each skipped module is not monitored (``norm``, ``embedding``, ``outside the blocks``, ...)
     reasons: dict[str, str] = field(default_factory=dict)
+    #: fused tensors monitored whole, not split into their parts, and why (their layout was not confirmed)
+    unsplit: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -250,6 +252,12 @@ class LayerMap:
                 for (key, reason), count in groups.items()
             ]
             text += f" Not monitored (modules with parameters): {', '.join(shown[:24])}{', ...' if len(shown) > 24 else ''}."
+        if self.unsplit:
+            groups = {}
+            for name, reason in self.unsplit.items():
+                groups.setdefault((re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", name), reason), 0)
+            shown = [f"{key} [{reason}]" for key, reason in groups]
+            text += f" Monitored whole, not split (fused layout not confirmed): {', '.join(shown[:12])}."
         return text
 
 
@@ -455,19 +463,108 @@ def _role(segments: list[str], prefix: str) -> str | None:
 def _fused_layout(kind: str, module: nn.Module, param: Tensor, config: Any, weight_dim: int) -> FusedLayout | None:
     size = param.shape[weight_dim]
     try:
-        if kind == "gate_up":
-            layout = ("gate", "up"), (size // 2, size // 2), 1
+        model_type = getattr(config, "model_type", None) if config is not None else None
+        rule = FUSED_QKV_LAYOUTS.get(model_type or "", FUSED_QKV_LAYOUTS["default"])
+        if config is None:  # no config: equal thirds
+            layout = QKV, (size // 3,) * 3, 1
         else:
-            model_type = getattr(config, "model_type", None) if config is not None else None
-            rule = FUSED_QKV_LAYOUTS.get(model_type or "", FUSED_QKV_LAYOUTS["default"])
-            if config is None:  # no config: equal thirds
-                layout = QKV, (size // 3,) * 3, 1
-            else:
-                layout = rule(config)
+            layout = rule(config)
     except (ValueError, TypeError, ZeroDivisionError):
         return None
     names, sizes, groups = layout
     return layout if sum(sizes) * groups == size else None
+
+
+class _ProbeDone(Exception):
+    """Raised by a probe's hook once it has seen what it needs: the rest of the forward does not run."""
+
+
+#: Every way a fused gate/up output can be laid out: names in storage order, segment sizes (in halves), groups.
+GATE_UP_CANDIDATES = (("gate", "up", False), ("up", "gate", False), ("gate", "up", True), ("up", "gate", True))
+
+
+def confirm_gate_up(mlp: nn.Module, fused_name: str, down_name: str, config: Any) -> FusedLayout | str:
+    """The layout of a fused 2-D ``gate_up`` projection, confirmed by the MLP's own forward, or why it is not.
+
+    One token runs through ``mlp`` with the fused projection's output replaced by fixed values ``v`` (a hook);
+    what reaches the down projection is compared with ``act(gate) * up`` for every way ``v`` can split into gate
+    and up (:data:`GATE_UP_CANDIDATES`: concatenated or interleaved, gate or up first), with ``act`` the
+    config's ``hidden_act``. Exactly one must match. Nothing after the down projection's input runs, the
+    global RNG is not used, and the module's parameters, modes and hooks are as they were. Where the
+    parameters cannot run a plain forward (sharded by FSDP2), a fresh, uninitialised instance of the MLP's
+    class built from ``config`` runs instead (its weights do not matter: the hook replaces the output).
+
+    Example:
+        >>> from transformers import Phi3Config
+        >>> from transformers.models.phi3.modeling_phi3 import Phi3MLP
+        >>> config = Phi3Config(hidden_size=8, intermediate_size=12)
+        >>> confirm_gate_up(Phi3MLP(config), "gate_up_proj", "down_proj", config)
+        (('gate', 'up'), (12, 12), 1)
+    """
+    act_name = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
+    if not isinstance(act_name, str):
+        return "no config names the activation"
+    try:
+        from transformers.activations import ACT2FN
+
+        act = ACT2FN[act_name]
+    except (ImportError, KeyError):
+        return f"unknown activation {act_name!r}"
+    fused = mlp.get_submodule(fused_name)
+    width, hidden = fused.weight.shape[0], fused.weight.shape[1]
+    if width % 2:
+        return f"an odd fused size {width}"
+    values = torch.rand(width, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 4 - 2
+
+    def run(module: nn.Module) -> Tensor:
+        seen: list[Tensor] = []
+        weight = module.get_submodule(fused_name).weight
+        replace = lambda m, args, output: values.to(output.dtype).to(output.device).expand(output.shape).clone()
+
+        def capture(m: nn.Module, args: tuple) -> None:
+            seen.append(args[0].detach())
+            raise _ProbeDone
+
+        modes = {m: m.training for m in module.modules()}
+        handles = [module.get_submodule(fused_name).register_forward_hook(replace),
+                   module.get_submodule(down_name).register_forward_pre_hook(capture)]
+        try:
+            module.train(False)
+            with torch.no_grad():
+                module(torch.zeros(1, 1, hidden, dtype=weight.dtype, device=weight.device))
+        except _ProbeDone:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+            for m, training in modes.items():
+                m.training = training
+        if not seen:
+            raise RuntimeError("the down projection was never called")
+        return seen[0].flatten().double().cpu()
+
+    try:
+        try:
+            received = run(mlp)
+        except Exception:  # parameters that cannot run a plain forward (FSDP2 shards): a fresh instance
+            with torch.device("meta"):
+                fresh = type(mlp)(config)
+            received = run(fresh.to_empty(device="cpu").float())
+    except Exception as error:  # never break a run: the tensor is monitored whole
+        return f"its MLP's forward could not be probed ({type(error).__name__})"
+    low_precision = fused.weight.dtype in (torch.float16, torch.bfloat16)
+    tolerance = dict(rtol=2e-2, atol=2e-2) if low_precision else dict(rtol=1e-4, atol=1e-5)
+    half = width // 2
+    matches = []
+    for first, second, interleaved in GATE_UP_CANDIDATES:
+        layout: FusedLayout = ((first, second), (1, 1), half) if interleaved else ((first, second), (half, half), 1)
+        parts = {name: FusedPart(layout[1], index, layout[2]).take(values, 0).flatten() for index, name in enumerate(layout[0])}
+        expected = act(parts["gate"].to(fused.weight.dtype).float()).double() * parts["up"].to(fused.weight.dtype).double()
+        if received.shape == expected.shape and torch.allclose(received, expected, **tolerance):
+            matches.append(layout)
+    if len(matches) != 1:
+        return f"its MLP's forward matches {len(matches)} of the {len(GATE_UP_CANDIDATES)} gate/up layouts"
+    return matches[0]
 
 
 @dataclass
@@ -475,6 +572,9 @@ class _Resolved:
     components: list[Component] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
+    unsplit: dict[str, str] = field(default_factory=dict)
+    #: confirmed layouts (or why not), by probe: one forward per MLP class, not one per layer
+    probes: dict[Any, FusedLayout | str] = field(default_factory=dict)
 
     def skip(self, name: str, reason: str) -> None:
         self.skipped.append(name)
@@ -493,24 +593,88 @@ def _fused_components(layer: int, full: str, module: nn.Module, owner_params: tu
     return result
 
 
-def _expert_components(layer: int, full: str, module: nn.Module, prefix: str, resolved: _Resolved) -> list[Component]:
-    """Experts fused into 3-D parameters ``[experts, out, in]``: one component per role, over all experts."""
-    result = []
+def _expert_gate_up_layout(module: nn.Module, param: Tensor, config: Any) -> tuple[int, FusedPart, FusedPart] | str:
+    """``(output dim, gate part, up part)`` of a 3-D fused ``gate_up`` expert tensor, or why it is not confirmed.
+
+    The storage order (``[experts, out, in]`` or ``[experts, in, out]``) is read from the shape against the
+    config's hidden size, which decides it whenever the two inner sizes differ; where they are equal, the
+    module's own declaration decides. Whether gate and up are concatenated (``[gate | up]``) or interleaved
+    (``gate_0 up_0 gate_1 up_1 ...``) only the module can say: transformers' experts modules declare both
+    (``is_transposed``, ``is_concatenated``), and its own expert kernels compute from that declaration.
+    """
+    declared_transposed = getattr(module, "is_transposed", None)
+    concatenated = getattr(module, "is_concatenated", None)
+    if not isinstance(concatenated, bool):
+        return "the module does not declare whether gate and up are concatenated or interleaved"
+    try:
+        hidden = _hidden(config) if config is not None else None
+    except ValueError:
+        hidden = None
+    first, second = param.shape[1], param.shape[2]
+    if hidden is not None and (first == hidden) != (second == hidden):
+        transposed = first == hidden  # [experts, hidden (in), 2 x intermediate (out)]
+        if isinstance(declared_transposed, bool) and declared_transposed != transposed:
+            return f"its shape {tuple(param.shape)} contradicts its declared is_transposed={declared_transposed}"
+    elif isinstance(declared_transposed, bool):
+        transposed = declared_transposed
+    else:
+        return f"its shape {tuple(param.shape)} does not decide which dimension is the output"
+    dim = 2 if transposed else 1
+    size = param.shape[dim]
+    if size % 2:
+        return f"an odd fused size {size}"
+    if concatenated:
+        return dim, FusedPart((size // 2, size // 2), 0), FusedPart((size // 2, size // 2), 1)
+    return dim, FusedPart((1, 1), 0, size // 2), FusedPart((1, 1), 1, size // 2)
+
+
+def _expert_components(layer: int, full: str, module: nn.Module, prefix: str, config: Any,
+                       resolved: _Resolved) -> list[Component]:
+    """Experts fused into 3-D parameters ``[experts, ...]``: one component per role, over all experts.
+
+    A bias (``<weight>_bias``, ``[experts, out]``) pools with its weight's role, split as its weight is. A fused
+    ``gate_up`` tensor is split only where its layout is confirmed (:func:`_expert_gate_up_layout`); otherwise it
+    is monitored whole as ``<prefix>.gate_up`` and the reason is recorded.
+    """
+    weights = {a: p for a, p in module.named_parameters(recurse=False) if p.dim() == 3 and a in EXPERT_PARAMETERS}
+    biases = {a: a[: -len("_bias")] for a, _ in module.named_parameters(recurse=False)
+              if a.endswith("_bias") and a[: -len("_bias")] in weights}
+    by_name: dict[str, list[ParamRef]] = {}
     for attribute, param in module.named_parameters(recurse=False):
-        role = EXPERT_PARAMETERS.get(attribute)
         name = f"{full}.{attribute}"
-        if role is None or param.dim() != 3:
-            result.append(Component(layer, _join(prefix, attribute), full, module, (ParamRef(name, module, attribute),), None))
+        weight = biases.get(attribute, attribute)
+        role = EXPERT_PARAMETERS.get(weight) if weight in weights else None
+        if role is None:
+            by_name.setdefault(_join(prefix, attribute), []).append(ParamRef(name, module, attribute))
             continue
-        if role == "fused:gate_up":
-            size = param.shape[1]
-            for index, part_name in enumerate(("gate", "up")):
-                part = FusedPart((size // 2, size // 2), index)
-                result.append(Component(layer, f"{prefix}.{part_name}", full, module,
-                                        (ParamRef(name, module, attribute, 1, part),), None))
-        else:
-            result.append(Component(layer, f"{prefix}.{role}", full, module, (ParamRef(name, module, attribute),), None))
-    return result
+        if role != "fused:gate_up":
+            by_name.setdefault(f"{prefix}.{role}", []).append(ParamRef(name, module, attribute))
+            continue
+        layout = _expert_gate_up_layout(module, weights[weight], config)
+        if isinstance(layout, str):
+            resolved.unsplit[f"{full}.{weight}"] = layout
+            by_name.setdefault(f"{prefix}.gate_up", []).append(ParamRef(name, module, attribute))
+            continue
+        dim, gate, up = layout
+        dim = dim if attribute == weight else 1  # a bias [experts, out]: its output dimension is 1
+        by_name.setdefault(f"{prefix}.gate", []).append(ParamRef(name, module, attribute, dim, gate))
+        by_name.setdefault(f"{prefix}.up", []).append(ParamRef(name, module, attribute, dim, up))
+    return [Component(layer, name, full, module, tuple(refs), None) for name, refs in by_name.items()]
+
+
+def _gate_up_layout(block: nn.Module, rel: str, config: Any, resolved: _Resolved) -> FusedLayout | str:
+    """The confirmed layout of the fused gate/up leaf at ``rel`` in ``block`` (its MLP probed once per class)."""
+    if "." not in rel:
+        return "it has no enclosing MLP to probe"
+    parent_name, fused_name = rel.rsplit(".", 1)
+    parent = block.get_submodule(parent_name)
+    downs = [name for name, _ in parent.named_children() if LEAVES["mlp"].get(name) == "down"]
+    if len(downs) != 1:
+        return "its MLP has no single down projection to read"
+    key = (type(parent), fused_name, downs[0])
+    if key not in resolved.probes:
+        resolved.probes[key] = confirm_gate_up(parent, fused_name, downs[0], config)
+    return resolved.probes[key]
 
 
 def _resolve_block(layer: int, prefix: str, block: nn.Module, config: Any, resolved: _Resolved) -> None:
@@ -534,7 +698,8 @@ def _resolve_block(layer: int, prefix: str, block: nn.Module, config: Any, resol
         params = _all_params(full, module) if kind == "adapter" else _own_params(full, module)
         if kind == "experts":
             resolved.components += _expert_components(layer, full, module, subtree if subtree == "mlp.experts" else
-                                                      _join(subtree, "experts") if subtree else "mlp.experts", resolved)
+                                                      _join(subtree, "experts") if subtree else "mlp.experts", config,
+                                                      resolved)
             continue
         if not any(ref.param.dim() >= 2 for ref in params):
             resolved.skip(full, "no weight matrix")
@@ -543,7 +708,12 @@ def _resolve_block(layer: int, prefix: str, block: nn.Module, config: Any, resol
         if role is not None and role.startswith("fused:") and kind != "adapter":
             weight_dim = _weight_dim(base)
             weight = next(ref.param for ref in params if ref.param.dim() >= 2)
-            layout = _fused_layout(role.split(":")[1], module, weight, config, weight_dim)
+            if role == "fused:gate_up":
+                layout = _gate_up_layout(block, rel, config, resolved)
+                if isinstance(layout, str):
+                    resolved.unsplit[full], layout = layout, None
+            else:
+                layout = _fused_layout(role.split(":")[1], module, weight, config, weight_dim)
             if layout is not None:
                 resolved.components += _fused_components(layer, full, module, params, subtree, layout, weight_dim)
                 continue
@@ -714,16 +884,17 @@ def resolve_layers(model: nn.Module, modules: ModuleSelection | None = None, fir
         (['1', '2', '3'], ['0', '2'])
     """
     reasons: dict[str, str] = {}
+    unsplit: dict[str, str] = {}
     if modules is None:
         resolved, architecture, labels = _resolve_automatic(model, first_layer_index)
-        components, skipped, reasons = resolved.components, resolved.skipped, resolved.reasons
+        components, skipped, reasons, unsplit = resolved.components, resolved.skipped, resolved.reasons, resolved.unsplit
     else:
         components, skipped, position = _resolve_selected(model, modules)
         architecture = "user selection"
         labels = [str(number + first_layer_index) for number in position]
     if not components:
         raise ValueError(f"Found no module with parameters to monitor in {type(model).__name__}.")
-    return LayerMap(components, labels, _ordered_names(components), architecture, skipped, reasons)
+    return LayerMap(components, labels, _ordered_names(components), architecture, skipped, reasons, unsplit)
 
 
 def iter_unique_params(layer_map: LayerMap) -> Iterator[nn.Parameter]:

@@ -35,6 +35,7 @@ FAMILIES = {
  "mpt": (T.MptConfig, T.MptForCausalLM, dict(d_model=32, n_layers=2, n_heads=4)),
  "codegen": (T.CodeGenConfig, T.CodeGenForCausalLM, dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4)),
  "electra": (T.ElectraConfig, T.ElectraForMaskedLM, dict(hidden_size=32, embedding_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)),
+ "gpt_oss": (T.GptOssConfig, T.GptOssForCausalLM, dict(hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2)),
  "qwen3_moe": (T.Qwen3MoeConfig, T.Qwen3MoeForCausalLM, dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, head_dim=8)),
 }
 
@@ -50,7 +51,7 @@ EXPECTED = {
                                 "stablelm", "cohere", "granite")},
     **{name: SIX for name in ("phi", "gpt2", "gpt_neox", "gptj", "opt", "falcon", "bloom", "starcoder2", "distilbert",
                               "bert", "roberta", "gpt_bigcode", "mpt", "codegen", "electra")},
-    "mixtral": MOE, "qwen3_moe": MOE,
+    "mixtral": MOE, "qwen3_moe": MOE, "gpt_oss": MOE,
     "qwen2_moe": MOE + ("mlp.shared.up", "mlp.shared.gate", "mlp.shared.down", "mlp.shared.router"),
     "t5": SEQ2SEQ, "bart": SEQ2SEQ,
 }

@@ -412,3 +412,164 @@ def test_expert_heatmap_token_share_alone(tmp_path):
     events = read_events(trainer.logger.log_dir)
     for step in (0, 1):
         assert sum(scalar_series(events, f"expert_token_share/layer_1/{e}")[step] for e in range(4)) == pytest.approx(2.0)
+
+
+def _gate_up_roles(run, width):
+    """``{fused output feature: (unit, "gate" | "up")}`` from what a module computes, given ``run(values)``: the
+    per-unit input of its down projection when the fused gate/up output reads ``values``.
+
+    Every fused output reads 1, then feature ``c`` reads 1, 2 and 3: the one unit that moves is ``c``'s unit, and it
+    moves affinely when ``c`` is its up input (``act(gate) * up``, GPT-OSS's ``(up + 1) * glu(gate)``), not when
+    ``c`` is its gate (the activation's input).
+    """
+    roles = {}
+    for feature in range(width):
+        outputs = []
+        for value in (1.0, 2.0, 3.0):
+            values = torch.ones(width, dtype=torch.float64)
+            values[feature] = value
+            outputs.append(run(values).double())
+        moved = (outputs[2] - outputs[0]).abs()
+        assert int((moved > 1e-6).sum()) == 1, (feature, moved)
+        unit = int(moved.argmax())
+        curvature = abs(float(outputs[2][unit] - 2 * outputs[1][unit] + outputs[0][unit]))
+        roles[feature] = (unit, "up" if curvature < 1e-5 * float(moved[unit]) else "gate")
+    assert sorted(roles.values()) == sorted((u, r) for u in range(width // 2) for r in ("gate", "up"))
+    return roles
+
+
+def _features(ref, shape_dim_size, dim, full_shape):
+    """The fused output features a ref covers: its slice of a tensor holding each feature's index."""
+    index = torch.arange(shape_dim_size).reshape([-1 if d == dim else 1 for d in range(len(full_shape))])
+    return sorted(set(ref.view(index.expand(full_shape)).flatten().tolist()))
+
+
+def test_fused_gate_up_of_phi3_matches_the_models_own_split():
+    model = build("phi3", intermediate_size=16)
+    mlp = model.model.layers[0].mlp
+    width = mlp.gate_up_proj.weight.shape[0]
+
+    def run(values):  # the MLP's own forward, the fused output replaced by `values`, read at down_proj's input
+        seen = []
+        hooks = [mlp.gate_up_proj.register_forward_hook(lambda m, a, out: values.float().expand(out.shape).clone()),
+                 mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].flatten()))]
+        with torch.no_grad():
+            mlp(torch.zeros(1, 1, 32))
+        for hook in hooks:
+            hook.remove()
+        return seen[0]
+
+    roles = _gate_up_roles(run, width)
+    layer_map = resolve_layers(model)
+    for role in ("gate", "up"):
+        ref = _component(layer_map, 0, f"mlp.{role}").params[0]
+        assert _features(ref, width, 0, mlp.gate_up_proj.weight.shape) == sorted(f for f, (_, r) in roles.items() if r == role)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
+def test_fused_expert_gate_up_matches_the_models_own_split(family):
+    """Experts stored as 3-D tensors, ``[experts, out, in]`` (Mixtral) or ``[experts, in, out]`` with gate and up
+    interleaved (GPT-OSS): the split, weights and biases, equals what the family's own forward does."""
+    sizes = {"mixtral": {"intermediate_size": 8}, "qwen2_moe": {"moe_intermediate_size": 8}, "qwen3_moe": {"moe_intermediate_size": 8}}
+    model = build(family, **sizes.get(family, {}))  # 2 x intermediate != hidden, so the shape tells the test the storage
+    model.set_experts_implementation("eager")  # the family's own forward, not a kernel driven by its declared layout
+    experts = model.model.layers[0].mlp.experts
+    hidden = model.config.hidden_size
+    gate_up = experts.gate_up_proj
+    transposed = gate_up.shape[1] == hidden  # this test's configs make the shape decide: 2 x intermediate != hidden
+    width = gate_up.shape[2] if transposed else gate_up.shape[1]
+
+    def run(values):  # expert 0 alone, one token e_0, its fused output set to `values`, read through an identity down
+        with torch.no_grad():
+            for param in experts.parameters():
+                param.zero_()
+            if transposed:
+                gate_up[0, 0, :] = values
+            else:
+                gate_up[0, :, 0] = values
+            experts.down_proj[0] = torch.eye(*experts.down_proj.shape[1:])
+            token = torch.zeros(1, hidden)
+            token[0, 0] = 1.0
+            return experts(token, torch.tensor([[0]]), torch.tensor([[1.0]]))[0, : width // 2]
+
+    roles = _gate_up_roles(run, width)
+    layer_map = resolve_layers(model)
+    for role in ("gate", "up"):
+        expected = sorted(f for f, (_, r) in roles.items() if r == role)
+        component = _component(layer_map, 0, f"mlp.experts.{role}")
+        for ref in component.params:  # the weight, and its bias where the family has one
+            param = ref.param
+            dim = (2 if transposed else 1) if param.dim() == 3 else 1
+            assert _features(ref, width, dim, param.shape) == expected, (role, ref.attribute)
+        assert {ref.attribute for ref in component.params} == {"gate_up_proj", *(["gate_up_proj_bias"] if family == "gpt_oss" else [])}
+    if family == "gpt_oss":  # biases pool with their role: no component of their own
+        assert "mlp.experts.down_proj_bias" not in layer_map.component_names
+        assert {ref.attribute for ref in _component(layer_map, 0, "mlp.experts.down").params} == {"down_proj", "down_proj_bias"}
+
+
+class UndeclaredExperts(nn.Module):
+    """3-D experts that do not declare their layout (``is_concatenated``): gate and up cannot be told apart."""
+
+    def __init__(self, experts=4, width=16, hidden=8):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * hidden, width))
+        self.down_proj = nn.Parameter(torch.randn(experts, width, hidden))
+
+    def forward(self, x):
+        gate, up = (x @ self.gate_up_proj[0].T).chunk(2, dim=-1)
+        return (nn.functional.silu(gate) * up) @ self.down_proj[0].T
+
+
+class PlainGatedMLP(nn.Module):
+    """A fused gate/up the forward does not use as act(gate) * up: no candidate layout matches."""
+
+    def __init__(self, width=16, hidden=8):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(width, 2 * hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x):
+        a, b = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(a * b)  # no activation, though the config names one
+
+
+class UnknownLayoutBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = PlainGatedMLP()
+        self.moe = nn.Module()
+        self.moe.experts = UndeclaredExperts()
+
+    def forward(self, x):
+        return x + self.mlp(x) + self.moe.experts(x)
+
+
+class UnknownLayoutModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from transformers import PretrainedConfig
+
+        self.config = PretrainedConfig(hidden_size=16, hidden_act="silu")
+        self.config.model_type = "custom"
+        self.layers = nn.ModuleList(UnknownLayoutBlock() for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_fused_tensors_of_an_unconfirmed_layout_are_monitored_whole_and_reported(tmp_path):
+    model = UnknownLayoutModel()
+    layer_map = resolve_layers(model)
+    names = layer_map.component_names
+    assert "mlp.gate_up" in names and "mlp.experts.gate_up" in names
+    assert not {"mlp.gate", "mlp.up", "mlp.experts.gate", "mlp.experts.up"} & set(names)
+    assert set(layer_map.unsplit) == {"layers.0.mlp.gate_up_proj", "layers.1.mlp.gate_up_proj",
+                                      "layers.0.moe.experts.gate_up_proj", "layers.1.moe.experts.gate_up_proj"}
+    report = layer_map.describe()
+    assert "Monitored whole, not split (fused layout not confirmed)" in report
+    assert "layers.*.moe.experts.gate_up_proj [the module does not declare" in report
+    assert "layers.*.mlp.gate_up_proj [its MLP's forward matches 0 of the 4 gate/up layouts]" in report
+    whole = _component(layer_map, 1, "mlp.experts.gate_up")
+    assert [ref.part for ref in whole.params] == [None]  # the whole tensor, so its norm is exact
