@@ -113,8 +113,9 @@ def _attention_states_of_marked_projection(model, fused):
     fused projection reads ``j + 1``: a one-token forward (rotary embeddings are the identity at position 0).
 
     The states are read through transformers' public attention-function registry where the family dispatches
-    through it; a family that computes attention inline (Bloom, MPT) is read through a torch function mode: the
-    operands of its first product of two marked tensors (q and k^T) and the right operand of the next (v).
+    through it; a family that computes attention inline is read through a torch function mode: the arguments of
+    its call to ``scaled_dot_product_attention`` (Falcon before transformers 5.2x), or the operands of its first
+    product of two marked tensors (q and k^T) and the right operand of the next (v) (Bloom, MPT).
     """
     from torch.overrides import TorchFunctionMode
     from transformers import AttentionInterface
@@ -140,6 +141,8 @@ def _attention_states_of_marked_projection(model, fused):
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
+            if func is torch.nn.functional.scaled_dot_product_attention and not captured:
+                captured.append(tuple(t.detach().clone() for t in args[:3]))
             if func in products:
                 tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
                 if func in (torch.baddbmm, torch.Tensor.baddbmm):
@@ -180,9 +183,10 @@ def test_fused_qkv_matches_the_models_own_split(variant):
     q, k, v = _attention_states_of_marked_projection(model, fused)
     conv1d = type(fused).__name__ == "Conv1D"  # GPT-2 stores its weight as (in, out)
     width = fused.weight.shape[1] if conv1d else fused.weight.shape[0]
-    for name, part in (("attn.q", q), ("attn.k", k), ("attn.v", v)):
-        features = sorted({int(x) - 1 for x in part.flatten().tolist()})
-        assert len(features) == part.numel(), (name, "a feature reached two places: not a marker split")
+    reference = {name: sorted({int(x) - 1 for x in part.flatten().tolist()}) for name, part in
+                 (("attn.q", q), ("attn.k", k), ("attn.v", v))}  # (a GQA family may repeat k and v per query group)
+    assert sorted(sum(reference.values(), [])) == list(range(width)), "q, k and v must share out every feature once"
+    for name, features in reference.items():
         component = _component(layer_map, 0, name)
         marker = torch.arange(1, width + 1, dtype=torch.float32)[None, None]
         assert sorted(int(x) - 1 for x in component.activation((), {}, marker).flatten().tolist()) == features
