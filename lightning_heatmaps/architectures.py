@@ -17,8 +17,8 @@ from typing import Any
 
 #: The canonical component order of the layer x component view (unknown names follow, in model order).
 COMPONENT_ORDER = (
-    "attn.q", "attn.k", "attn.v", "attn.o",
-    "xattn.q", "xattn.k", "xattn.v", "xattn.o",
+    "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o",  # attn.qkv: a fused projection whose layout is not confirmed
+    "xattn.q", "xattn.k", "xattn.v", "xattn.qkv", "xattn.o",
     "mlp.up", "mlp.gate", "mlp.down",
     "mlp.router",
     "mlp.experts.up", "mlp.experts.gate", "mlp.experts.down",

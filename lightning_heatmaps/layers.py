@@ -485,6 +485,8 @@ class _Resolved:
     notes: dict[str, str] = field(default_factory=dict)
     #: the model being resolved, for the fused-layout probe (``None``: resolved without one)
     model: nn.Module | None = None
+    #: the fused-layout probe's observations in this resolution (one probe per attention class and config)
+    probes: dict[Any, Any] = field(default_factory=dict)
 
     def skip(self, name: str, reason: str) -> None:
         self.skipped.append(name)
@@ -520,7 +522,8 @@ def _confirmed_qkv_layout(full: str, module: nn.Module, weight: Tensor, config: 
     if owner is None:
         relative = next(n for n, c in parent.named_children() if c is module)
     source = f"model_type {getattr(config, 'model_type', None)!r}" if config is not None else ""
-    confirmation = confirm_fused_qkv(model, owner, parent, _without_compile_wrapper(relative), candidate, source)
+    confirmation = confirm_fused_qkv(owner, parent, _without_compile_wrapper(relative), candidate, source,
+                                     cache=resolved.probes)
     if confirmation.layout is None:
         resolved.notes[full] = f"fused q/k/v layout not confirmed ({confirmation.reason}): monitored whole as {whole}"
         return None, weight_dim

@@ -14,8 +14,9 @@ fused output; the buffers, such as rotary frequencies, are copied from the real 
 module is deep-copied with its parameters replaced by uninitialised CPU tensors. Nothing random is drawn (the CPU
 generator is forked anyway), the copy's attention implementation is the only one changed, and the forward stops
 as soon as the states are seen. Sharded (FSDP2 DTensor) or accelerator parameters are never read, so every rank
-computes the same result with no collective. One probe per distinct (model class, attention class, config); the
-results are cached for the process.
+computes the same result with no collective. One probe per distinct (model class, attention class, config) in
+one resolution: a one-token forward through the embeddings and one attention, in virtual memory of a one-layer
+model whose untouched pages are never committed.
 
 Pure helpers (:func:`derive_layout`, :func:`roles_of_layout`) turn the observed roles into a
 :data:`~lightning_heatmaps.architectures.FusedLayout`.
@@ -36,7 +37,8 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_heatmaps.architectures import QKV, FusedLayout
 
-#: The name under which the probe's attention function is registered in transformers' ``AttentionInterface``.
+#: The name under which the probe's attention function is registered in transformers' ``AttentionInterface``
+#: (``ALL_ATTENTION_FUNCTIONS``) while a probe runs.
 PROBE_ATTENTION = "lightning_heatmaps_layout_probe"
 
 #: Largest fused width whose markers float32 represents exactly.
@@ -235,16 +237,16 @@ _OBSERVER: list[_StateObserver] = []
 
 
 def _probe_transformers(owner: nn.Module, relative: str, attention_class: type) -> tuple[Any, nn.Module, int, int]:
-    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     config = copy.deepcopy(owner.config)
     if isinstance(getattr(config, "num_hidden_layers", None), int):
         config.num_hidden_layers = 1  # layer 0 is all the probe runs
         if isinstance(getattr(config, "layer_types", None), list):
             config.layer_types = config.layer_types[:1]
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+    with torch.device("meta"):
         probe = _original_class(owner)(config)
-    probe = probe.float().to_empty(device="cpu")
+    probe = probe.float().to_empty(device="cpu").eval()
     real_buffers = dict(owner.named_buffers())
     with torch.no_grad():
         for name, buffer in probe.named_buffers():
@@ -266,17 +268,19 @@ def _probe_transformers(owner: nn.Module, relative: str, attention_class: type) 
         observer.states = (query.detach().clone(), key.detach().clone(), value.detach().clone())
         raise _Seen
 
-    AttentionInterface.register(PROBE_ATTENTION, capture)  # a registry entry only this probe's copy selects
-    try:
-        probe.set_attn_implementation(PROBE_ATTENTION)
-    except (ValueError, TypeError, AttributeError):
-        pass  # a family that computes attention inline: seen through the products
-
     def call(observer: _StateObserver) -> None:
         _OBSERVER.append(observer)
+        # Registered on the public global registry only while the copy runs (`del` restores it as found), and
+        # selected by the copy alone: the user's model keeps its own attention implementation.
+        ALL_ATTENTION_FUNCTIONS[PROBE_ATTENTION] = capture
         try:
+            try:
+                probe.set_attn_implementation(PROBE_ATTENTION)
+            except (ValueError, TypeError, AttributeError, KeyError):
+                pass  # a family that computes attention inline: seen through the products
             probe(input_ids=torch.zeros(1, 1, dtype=torch.long))
         finally:
+            del ALL_ATTENTION_FUNCTIONS[PROBE_ATTENTION]
             _OBSERVER.pop()
 
     states, width, in_width = _run_probe(fused, call)
@@ -295,7 +299,7 @@ def _probe_module(attention: nn.Module, relative: str) -> tuple[Any, nn.Module, 
             raise TypeError("a buffer is a sharded DTensor")
         memo[id(buffer)] = buffer.detach().to("cpu", torch.float32 if buffer.is_floating_point() else buffer.dtype,
                                               copy=True)
-    probe = copy.deepcopy(attention, memo)
+    probe = copy.deepcopy(attention, memo).eval()
     for module in probe.modules():  # the copy is ours: the real module's hooks (other callbacks') must not run
         for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
                       module._backward_pre_hooks):
@@ -313,9 +317,6 @@ def _probe_module(attention: nn.Module, relative: str) -> tuple[Any, nn.Module, 
     return states, fused, width, seen_in
 
 
-_CACHE: dict[Any, tuple[Any, int | None, int, str]] = {}
-
-
 def _cache_key(owner: nn.Module | None, attention: nn.Module, relative: str) -> Any:
     if owner is None:
         return None  # a plain module: its layout depends on its instance, not on a config
@@ -326,17 +327,24 @@ def _cache_key(owner: nn.Module | None, attention: nn.Module, relative: str) -> 
     return _original_class(owner), _original_class(attention), _pattern(relative), config
 
 
-def confirm_fused_qkv(model: nn.Module, owner: nn.Module | None, attention: nn.Module, relative: str,
-                      candidate: FusedLayout | None, candidate_source: str = "") -> Confirmation:
+def confirm_fused_qkv(owner: nn.Module | None, attention: nn.Module, relative: str,
+                      candidate: FusedLayout | None, candidate_source: str = "",
+                      cache: dict[Any, Any] | None = None) -> Confirmation:
     """Confirm the q/k/v layout of the fused projection ``relative`` under ``attention`` by running a copy.
 
+    The copy's fused output is replaced by markers (feature ``j`` reads ``j + 1``); the q/k/v states its attention
+    computes say which features are q, k and v. The split is made only if those roles form a layout
+    :class:`~lightning_heatmaps.layers.FusedPart` can express; any failure of the copy is a reason, not an error.
+
     Args:
-        model: the model being resolved (not run, not changed).
-        owner: the Hugging Face model that holds the config (``None`` for plain PyTorch models).
+        owner: the Hugging Face model that holds the config (``None`` for plain PyTorch models); it is neither
+            run nor changed: a copy is.
         attention: the module whose forward splits the fused output (the fused projection's parent).
         relative: the fused projection's name relative to ``owner`` (or to ``attention`` when ``owner`` is ``None``).
         candidate: the vocabulary's layout for this config, if any.
         candidate_source: what the candidate comes from, for the report (``"model_type 'gpt2'"``).
+        cache: observations by (model class, attention class, place, config), shared by the calls of one
+            resolution so that the blocks of one model are probed once.
 
     Returns:
         The confirmed layout and output dimension, or ``layout=None`` and the reason.
@@ -350,16 +358,16 @@ def confirm_fused_qkv(model: nn.Module, owner: nn.Module | None, attention: nn.M
         ...         q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).transpose(1, -2).unbind(-3)
         ...         return F.scaled_dot_product_attention(q, k, v)
         >>> attention = Attention()
-        >>> confirm_fused_qkv(attention, None, attention, "qkv", None).layout
+        >>> confirm_fused_qkv(None, attention, "qkv", None).layout
         (('q', 'k', 'v'), (8, 8, 8), 1)
     """
-    key = _cache_key(owner, attention, relative)
-    if key is not None and key in _CACHE:
-        layout, weight_dim, width, reason = _CACHE[key]
+    key = _cache_key(owner, attention, relative) if cache is not None else None
+    if key is not None and key in cache:
+        layout, weight_dim, width, reason = cache[key]
     else:
         layout, weight_dim, width, reason = _observe(owner, attention, relative)
         if key is not None:
-            _CACHE[key] = (layout, weight_dim, width, reason)
+            cache[key] = (layout, weight_dim, width, reason)
     if layout is None:
         return Confirmation(None, None, reason)
     if candidate is not None and roles_of_layout(candidate) == roles_of_layout(layout):
@@ -372,10 +380,11 @@ def confirm_fused_qkv(model: nn.Module, owner: nn.Module | None, attention: nn.M
 def _observe(owner: nn.Module | None, attention: nn.Module, relative: str) -> tuple[Any, int | None, int, str]:
     """``(derived layout, output dim, width, reason)`` from one probe; any failure is a reason, never a crash."""
     try:
-        if owner is not None and _is_transformers_model(owner):
-            states, fused, width, in_width = _probe_transformers(owner, relative, _original_class(attention))
-        else:
-            states, fused, width, in_width = _probe_module(attention, relative)
+        with torch.random.fork_rng(devices=[]):  # the copy runs in eval mode; the CPU generator is kept regardless
+            if owner is not None and _is_transformers_model(owner):
+                states, fused, width, in_width = _probe_transformers(owner, relative, _original_class(attention))
+            else:
+                states, fused, width, in_width = _probe_module(attention, relative)
     except Exception as error:  # noqa: BLE001 - whatever the copy does, the run goes on with the tensor whole
         return None, None, 0, f"probe failed: {type(error).__name__}: {error}"[:300]
     if width == 0:
