@@ -97,7 +97,6 @@ def test_plain_attention_is_split_as_its_own_forward_splits(storage):
     model = Stack(storage)
     layer_map = resolve_layers(model)
     assert layer_map.component_names == ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
-    assert not layer_map.notes
     attention = model.blocks[1].attn
     marker = torch.arange(1, 3 * WIDTH + 1, dtype=torch.float32)[None, None]
     for name, state in zip(("attn.q", "attn.k", "attn.v"), attention.split(marker)):
@@ -105,6 +104,7 @@ def test_plain_attention_is_split_as_its_own_forward_splits(storage):
         taken, sliced = _features(_component(layer_map, 1, name), 3 * WIDTH)
         assert taken == expected, (storage, name)
         assert sliced == [expected, expected], (storage, name)  # weight rows and bias entries
+    assert not layer_map.notes
 
 
 def test_a_layout_no_split_describes_is_monitored_whole_and_reported(tmp_path, caplog):
