@@ -494,9 +494,10 @@ class _Resolved:
 
 
 def _config_owner(model: nn.Module) -> nn.Module | None:
-    """The module that holds the config :func:`find_config` returns."""
+    """The module that holds the config :func:`find_config` returns (its own attribute: not a ``torch.compile``
+    wrapper, which forwards attribute reads to the module it wraps)."""
     for module in model.modules():
-        config = getattr(module, "config", None)
+        config = vars(module).get("config")
         if config is not None and getattr(config, "model_type", None):
             return module
     return None

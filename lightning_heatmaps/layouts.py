@@ -106,18 +106,30 @@ def derive_layout(roles: Sequence[int]) -> FusedLayout | None:
 def roles_from_states(width: int, query: Tensor, key: Tensor, value: Tensor) -> tuple[list[int] | None, str]:
     """The role of each of ``width`` output features, from q/k/v states computed with marker values.
 
-    Returns ``(roles, "")``, or ``(None, reason)`` when a state holds something other than markers, a feature
-    reaches two roles, or a feature reaches none.
+    A state may be the markers times one positive factor (rotary scaling such as Phi-3's long-context
+    ``attention_scaling``, a query pre-scaled by ``1/sqrt(d)``): the factor is the smallest step between its values.
+    A wrong factor cannot pass unnoticed: the three states must then still partition the features exactly.
+
+    Returns ``(roles, "")``, or ``(None, reason)`` when a state holds something other than (scaled) markers, a
+    feature reaches two roles, or a feature reaches none.
 
     Example:
         >>> roles_from_states(4, torch.tensor([1.0, 2.0]), torch.tensor([3.0]), torch.tensor([4.0]))
+        ([0, 0, 1, 2], '')
+        >>> roles_from_states(4, torch.tensor([0.5, 1.0]), torch.tensor([3.0]), torch.tensor([4.0]))  # q scaled
         ([0, 0, 1, 2], '')
     """
     roles = [-1] * width
     for index, (name, state) in enumerate(zip(QKV, (query, key, value))):
         values = state.detach().to("cpu", torch.float64).flatten().unique()
-        features = values.long()
-        if not torch.equal(features.double(), values) or (features < 1).any() or (features > width).any():
+        if values.numel() == 0 or not bool(torch.isfinite(values).all()):
+            return None, f"the {name} states are empty or not finite"
+        scale = 1.0
+        if not torch.equal(values.round(), values) and values.numel() > 1:
+            scale = float((values[1:] - values[:-1]).min())
+        positions = values / scale
+        features = positions.round().long()
+        if (positions - features).abs().max() > 1e-3 or (features < 1).any() or (features > width).any():
             return None, f"the {name} states are not the projection's output features (transformed after the split)"
         for feature in (features - 1).tolist():
             if roles[feature] not in (-1, index):
@@ -147,10 +159,11 @@ class _StateObserver(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if self.states is None and func is F.scaled_dot_product_attention:
+        if self.states is None and self.width and func is F.scaled_dot_product_attention:
+            # the first attention after the marker: whether its states are (scaled) markers is decided later
             query, key, value = (kwargs.get(name, args[i] if len(args) > i else None)
                                  for i, name in enumerate(("query", "key", "value")))
-            if all(_marked(t, self.width) for t in (query, key, value)):
+            if all(isinstance(t, Tensor) for t in (query, key, value)):
                 self.states = (query.detach().clone(), key.detach().clone(), value.detach().clone())
                 raise _Seen
         if self.states is None and func in _PRODUCTS:

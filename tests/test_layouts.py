@@ -198,4 +198,27 @@ def test_layouts_from_roles():
     assert roles_from_states(6, marker[:2], marker[2:4], marker[4:]) == ([0, 0, 1, 1, 2, 2], "")
     assert roles_from_states(6, marker[:3], marker[2:4], marker[4:]) == (None, "output feature 2 reaches both q and k")
     assert roles_from_states(6, marker[:2], marker[2:3], marker[4:]) == (None, "1 of 6 output features reach none of q, k, v")
-    assert roles_from_states(6, marker[:2] * 0.5, marker[2:4], marker[4:])[0] is None  # scaled after the split
+    assert roles_from_states(6, marker[:2] * 0.125, marker[2:4] * 0.7, marker[4:]) == ([0, 0, 1, 1, 2, 2], "")  # scaled
+    assert roles_from_states(6, marker[:2].square(), marker[2:4], marker[4:])[0] is None  # transformed after the split
+    assert roles_from_states(6, marker[:2] - 0.5, marker[2:4], marker[4:])[0] is None
+
+
+def test_states_scaled_by_the_rotary_embedding_are_still_read():
+    """Phi-3's long-context rotary scales q and k by ``attention_scaling`` even at position 0."""
+    import transformers
+
+    head_dim = 8
+    config = transformers.Phi3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, max_position_embeddings=256, original_max_position_embeddings=64,
+        rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * (head_dim // 2),
+                             long_factor=[2.0] * (head_dim // 2)),
+    )
+    model = transformers.Phi3ForCausalLM(config)
+    assert model.model.rotary_emb.attention_scaling != 1.0
+    layer_map = resolve_layers(model)
+    assert not layer_map.notes
+    rows = {"attn.q": range(0, 32), "attn.k": range(32, 48), "attn.v": range(48, 64)}  # Phi-3: [q | k | v] under GQA
+    for name, expected in rows.items():
+        taken, sliced = _features(_component(layer_map, 0, name), 64)
+        assert taken == list(expected) and sliced == [list(expected)], name
