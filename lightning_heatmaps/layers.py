@@ -487,6 +487,8 @@ class _Resolved:
     model: nn.Module | None = None
     #: the fused-layout probe's observations in this resolution (one probe per attention class and config)
     probes: dict[Any, Any] = field(default_factory=dict)
+    #: each module's parent, by id, built when the first fused projection needs it
+    parents: dict[int, nn.Module] = field(default_factory=dict)
 
     def skip(self, name: str, reason: str) -> None:
         self.skipped.append(name)
@@ -512,8 +514,10 @@ def _confirmed_qkv_layout(full: str, module: nn.Module, weight: Tensor, config: 
     """
     candidate = _fused_layout("qkv", module, weight, config, weight_dim) if config is not None else None
     model = resolved.model
-    parent = None if model is None else next((m for m in model.modules() if any(c is module for c in m.children())), None)
-    if parent is None:
+    if model is not None and not resolved.parents:
+        resolved.parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    parent = resolved.parents.get(id(module))
+    if model is None or parent is None:
         resolved.notes[full] = f"fused q/k/v layout not confirmed (no attention module holds it): monitored whole as {whole}"
         return None, weight_dim
     owner = _config_owner(model) if config is not None else None
@@ -525,8 +529,13 @@ def _confirmed_qkv_layout(full: str, module: nn.Module, weight: Tensor, config: 
     source = f"model_type {getattr(config, 'model_type', None)!r}" if config is not None else ""
     confirmation = confirm_fused_qkv(owner, parent, _without_compile_wrapper(relative), candidate, source,
                                      cache=resolved.probes)
-    if confirmation.layout is None:
-        resolved.notes[full] = f"fused q/k/v layout not confirmed ({confirmation.reason}): monitored whole as {whole}"
+    reason = confirmation.reason
+    if confirmation.layout is not None and confirmation.weight_dim is not None:
+        _, sizes, groups = confirmation.layout
+        if sum(sizes) * groups != weight.shape[confirmation.weight_dim]:
+            reason = f"the copy's {sum(sizes) * groups} output features differ from the weight's shape {tuple(weight.shape)}"
+    if confirmation.layout is None or reason:
+        resolved.notes[full] = f"fused q/k/v layout not confirmed ({reason}): monitored whole as {whole}"
         return None, weight_dim
     if confirmation.note:
         resolved.notes[full] = confirmation.note

@@ -55,6 +55,10 @@ class Confirmation:
     ``layout`` is ``None`` when the layout is not confirmed; ``reason`` then says why. ``weight_dim`` is the
     dimension of the fused weight that holds the output features, as the module's own forward showed it.
     ``note`` is set when a split was made that differs from the vocabulary's candidate.
+
+    Example:
+        >>> Confirmation(None, reason="no q/k/v states computed from its output were seen").layout is None
+        True
     """
 
     layout: FusedLayout | None
@@ -394,12 +398,16 @@ def _observe(owner: nn.Module | None, attention: nn.Module, relative: str) -> tu
     """``(derived layout, output dim, width, reason)`` from one probe; any failure is a reason, never a crash."""
     try:
         with torch.random.fork_rng(devices=[]):  # the copy runs in eval mode; the CPU generator is kept regardless
-            if owner is not None and _is_transformers_model(owner):
-                states, fused, width, in_width = _probe_transformers(owner, relative, _original_class(attention))
-            else:
-                states, fused, width, in_width = _probe_module(attention, relative)
+            return _observe_copy(owner, attention, relative)
     except Exception as error:  # noqa: BLE001 - whatever the copy does, the run goes on with the tensor whole
         return None, None, 0, f"probe failed: {type(error).__name__}: {error}"[:300]
+
+
+def _observe_copy(owner: nn.Module | None, attention: nn.Module, relative: str) -> tuple[Any, int | None, int, str]:
+    if owner is not None and _is_transformers_model(owner):
+        states, fused, width, in_width = _probe_transformers(owner, relative, _original_class(attention))
+    else:
+        states, fused, width, in_width = _probe_module(attention, relative)
     if width == 0:
         return None, None, 0, "the fused projection did not run in the attention's forward"
     if width > _MAX_WIDTH:
