@@ -11,12 +11,14 @@ family dispatches through it, and otherwise through a :class:`~torch.overrides.T
 The probe never touches the user's model: a Hugging Face model is rebuilt from a copy of its config with one layer
 (on the meta device, then uninitialised CPU storage: its weights do not matter because the marker replaces the
 fused output; the buffers, such as rotary frequencies, are copied from the real model); any other attention
-module is deep-copied with its parameters replaced by uninitialised CPU tensors. Nothing random is drawn (the CPU
-generator is forked anyway), the copy's attention implementation is the only one changed, and the forward stops
-as soon as the states are seen. Sharded (FSDP2 DTensor) or accelerator parameters are never read, so every rank
-computes the same result with no collective. One probe per distinct (model class, attention class, config) in
-one resolution: a one-token forward through the embeddings and one attention, in virtual memory of a one-layer
-model whose untouched pages are never committed.
+module is deep-copied with its parameters replaced by uninitialised CPU tensors and its hooks dropped. The copy
+runs in eval mode (no dropout draws) under a forked CPU generator; only the copy's attention implementation is
+changed, the probe's function is in transformers' registry only while the copy runs, and the forward stops as
+soon as the states are seen. Parameters of the real model are never read, so sharded (FSDP2 DTensor) or
+accelerator parameters change nothing and every rank computes the same result with no collective. Cost: one
+probe per distinct (model class, attention class, config) in one resolution (a plain PyTorch model: one per fused
+projection), each a one-token forward through the embeddings and one attention, in the virtual memory of a
+one-layer model, most of which is never written.
 
 Pure helpers (:func:`derive_layout`, :func:`roles_of_layout`) turn the observed roles into a
 :data:`~lightning_heatmaps.architectures.FusedLayout`.
