@@ -2,8 +2,9 @@
 
 Pure data, read by :mod:`lightning_heatmaps.layers`, which applies it. A block's parameterised leaf is
 placed by the first *subtree* segment on its path (attention, cross-attention, MLP, experts, shared
-expert) and then named by its *leaf* name in that subtree. Fused projections are split by the layout
-their family uses. Whatever is not in these tables keeps its path as its component name, so nothing
+expert) and then named by its *leaf* name in that subtree. Fused q/k/v projections have a *candidate* layout
+per family here; :mod:`lightning_heatmaps.layouts` confirms it (or finds the real one) from the attention's own
+forward at ``fit`` start, and a layout it cannot confirm is monitored whole. Whatever is not in these tables keeps its path as its component name, so nothing
 trainable is ever dropped.
 
 To add a family, add its names here; no code changes.
@@ -16,13 +17,12 @@ from typing import Any
 
 #: The canonical component order of the layer x component view (unknown names follow, in model order).
 COMPONENT_ORDER = (
-    "attn.q", "attn.k", "attn.v", "attn.o",
-    "xattn.q", "xattn.k", "xattn.v", "xattn.o",
-    "mlp.up", "mlp.gate", "mlp.down",
+    # *.qkv, *.gate_up: a fused tensor whose layout is not confirmed, monitored whole
+    "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o",
+    "xattn.q", "xattn.k", "xattn.v", "xattn.qkv", "xattn.o",
+    "mlp.up", "mlp.gate", "mlp.gate_up", "mlp.down",
     "mlp.router",
-    "mlp.experts.up", "mlp.experts.gate", "mlp.experts.down",
-    # fused tensors whose layout could not be confirmed, monitored whole
-    "attn.qkv", "mlp.gate_up", "mlp.experts.gate_up",
+    "mlp.experts.up", "mlp.experts.gate", "mlp.experts.gate_up", "mlp.experts.down",
     "mlp.shared.up", "mlp.shared.gate", "mlp.shared.down", "mlp.shared.router",
 )
 
@@ -161,7 +161,8 @@ def _equal_halves_gate_up(size: int) -> FusedLayout:
     return ("gate", "up"), (size // 2, size // 2), 1
 
 
-#: Fused q/k/v layouts by ``config.model_type`` (``"default"``: contiguous ``[q | k | v]`` with GQA sizes).
+#: Candidate fused q/k/v layouts by ``config.model_type`` (``"default"``: contiguous ``[q | k | v]`` with GQA sizes),
+#: each confirmed or refuted by running the attention (see :func:`lightning_heatmaps.layouts.confirm_fused_qkv`).
 FUSED_QKV_LAYOUTS: Mapping[str, Callable[[Any], FusedLayout]] = {
     "default": _contiguous_qkv,
     "gpt_neox": _per_head_qkv,

@@ -20,9 +20,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_heatmaps.architectures import (
-    ADAPTER_SEGMENTS, COMPONENT_ORDER, EXPERT_PARAMETERS, FUSED_QKV_LAYOUTS, LEAVES, NORM_CLASS_HINTS, QKV, _hidden,
+    ADAPTER_SEGMENTS, COMPONENT_ORDER, EXPERT_PARAMETERS, FUSED_QKV_LAYOUTS, LEAVES, NORM_CLASS_HINTS, _hidden,
     SEGMENT_ROLES, SUBTREES, WRAPPER_SEGMENTS, FusedLayout,
 )
+from lightning_heatmaps.layouts import confirm_fused_qkv
 
 CANONICAL_COMPONENTS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.gate", "mlp.down")
 
@@ -228,8 +229,8 @@ class LayerMap:
     skipped: list[str] = field(default_factory=list)
     #: why each skipped module is not monitored (``norm``, ``embedding``, ``outside the blocks``, ...)
     reasons: dict[str, str] = field(default_factory=dict)
-    #: fused tensors monitored whole, not split into their parts, and why (their layout was not confirmed)
-    unsplit: dict[str, str] = field(default_factory=dict)
+    #: how a monitored module is monitored where that needs saying (a fused projection monitored whole, and why)
+    notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -252,12 +253,13 @@ class LayerMap:
                 for (key, reason), count in groups.items()
             ]
             text += f" Not monitored (modules with parameters): {', '.join(shown[:24])}{', ...' if len(shown) > 24 else ''}."
-        if self.unsplit:
-            groups = {}
-            for name, reason in self.unsplit.items():
-                groups.setdefault((re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", name), reason), 0)
-            shown = [f"{key} [{reason}]" for key, reason in groups]
-            text += f" Monitored whole, not split (fused layout not confirmed): {', '.join(shown[:12])}."
+        if self.notes:
+            groups_of_notes: dict[tuple[str, str], int] = {}
+            for name, note in self.notes.items():
+                key = (re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", name), note)
+                groups_of_notes[key] = groups_of_notes.get(key, 0) + 1
+            text += "".join(f" {key}{f' (x{count})' if count > 1 else ''}: {note}."
+                            for (key, note), count in groups_of_notes.items())
         return text
 
 
@@ -468,6 +470,7 @@ def _fused_layout(kind: str, module: nn.Module, param: Tensor, config: Any, weig
         if config is None:  # no config: equal thirds
             layout = QKV, (size // 3,) * 3, 1
         else:
+            # the vocabulary's candidate for the config, confirmed or refuted by `confirm_fused_qkv`
             layout = rule(config)
     except (ValueError, TypeError, ZeroDivisionError):
         return None
@@ -572,13 +575,64 @@ class _Resolved:
     components: list[Component] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
-    unsplit: dict[str, str] = field(default_factory=dict)
-    #: confirmed layouts (or why not), by probe: one forward per MLP class, not one per layer
-    probes: dict[Any, FusedLayout | str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    #: the model being resolved, for the fused-layout probe (``None``: resolved without one)
+    model: nn.Module | None = None
+    #: the fused-layout probe's observations in this resolution (one probe per attention class and config)
+    probes: dict[Any, Any] = field(default_factory=dict)
+    #: each module's parent, by id, built when the first fused projection needs it
+    parents: dict[int, nn.Module] = field(default_factory=dict)
 
     def skip(self, name: str, reason: str) -> None:
         self.skipped.append(name)
         self.reasons[name] = reason
+
+
+def _config_owner(model: nn.Module) -> nn.Module | None:
+    """The module that holds the config :func:`find_config` returns (its own attribute: not a ``torch.compile``
+    wrapper, which forwards attribute reads to the module it wraps)."""
+    for module in model.modules():
+        config = vars(module).get("config")
+        if config is not None and getattr(config, "model_type", None):
+            return module
+    return None
+
+
+def _confirmed_qkv_layout(full: str, module: nn.Module, weight: Tensor, config: Any, weight_dim: int,
+                          resolved: _Resolved, whole: str) -> tuple[FusedLayout | None, int]:
+    """The layout of fused q/k/v projection ``module`` as the attention's own forward shows it, else ``None``.
+
+    The vocabulary's layout for the config is only a candidate: :func:`~lightning_heatmaps.layouts.confirm_fused_qkv`
+    runs a copy of the attention on markers; a layout it does not confirm is noted in ``resolved``.
+    """
+    candidate = _fused_layout("qkv", module, weight, config, weight_dim) if config is not None else None
+    model = resolved.model
+    if model is not None and not resolved.parents:
+        resolved.parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    parent = resolved.parents.get(id(module))
+    if model is None or parent is None:
+        resolved.notes[full] = f"fused q/k/v layout not confirmed (no attention module holds it): monitored whole as {whole}"
+        return None, weight_dim
+    owner = _config_owner(model) if config is not None else None
+    if owner is not None:
+        relative = next((n for n, m in owner.named_modules() if m is module), None)
+        owner = owner if relative is not None else None
+    if owner is None:
+        relative = next(n for n, c in parent.named_children() if c is module)
+    source = f"model_type {getattr(config, 'model_type', None)!r}" if config is not None else ""
+    confirmation = confirm_fused_qkv(owner, parent, _without_compile_wrapper(relative), candidate, source,
+                                     cache=resolved.probes)
+    reason = confirmation.reason
+    if confirmation.layout is not None and confirmation.weight_dim is not None:
+        _, sizes, groups = confirmation.layout
+        if sum(sizes) * groups != weight.shape[confirmation.weight_dim]:
+            reason = f"the copy's {sum(sizes) * groups} output features differ from the weight's shape {tuple(weight.shape)}"
+    if confirmation.layout is None or reason:
+        resolved.notes[full] = f"fused q/k/v layout not confirmed ({reason}): monitored whole as {whole}"
+        return None, weight_dim
+    if confirmation.note:
+        resolved.notes[full] = confirmation.note
+    return confirmation.layout, weight_dim if confirmation.weight_dim is None else confirmation.weight_dim
 
 
 def _fused_components(layer: int, full: str, module: nn.Module, owner_params: tuple[ParamRef, ...], prefix: str,
@@ -652,7 +706,8 @@ def _expert_components(layer: int, full: str, module: nn.Module, prefix: str, co
             continue
         layout = _expert_gate_up_layout(module, weights[weight], config)
         if isinstance(layout, str):
-            resolved.unsplit[f"{full}.{weight}"] = layout
+            resolved.notes[f"{full}.{weight}"] = (f"fused gate/up layout not confirmed ({layout}): monitored whole as "
+                                                  f"{prefix}.gate_up")
             by_name.setdefault(f"{prefix}.gate_up", []).append(ParamRef(name, module, attribute))
             continue
         dim, gate, up = layout
@@ -708,12 +763,15 @@ def _resolve_block(layer: int, prefix: str, block: nn.Module, config: Any, resol
         if role is not None and role.startswith("fused:") and kind != "adapter":
             weight_dim = _weight_dim(base)
             weight = next(ref.param for ref in params if ref.param.dim() >= 2)
-            if role == "fused:gate_up":
+            if role == "fused:qkv":
+                layout, weight_dim = _confirmed_qkv_layout(full, module, weight, config, weight_dim, resolved,
+                                                           whole=_join(subtree, "qkv"))
+            else:  # fused:gate_up
                 layout = _gate_up_layout(block, rel, config, resolved)
                 if isinstance(layout, str):
-                    resolved.unsplit[full], layout = layout, None
-            else:
-                layout = _fused_layout(role.split(":")[1], module, weight, config, weight_dim)
+                    resolved.notes[full] = (f"fused gate/up layout not confirmed ({layout}): monitored whole as "
+                                            f"{_join(subtree, 'gate_up')}")
+                    layout = None
             if layout is not None:
                 resolved.components += _fused_components(layer, full, module, params, subtree, layout, weight_dim)
                 continue
@@ -779,6 +837,7 @@ def _resolve_automatic(model: nn.Module, first_layer_index: int) -> tuple[_Resol
         ]
         return resolved, "no repeated blocks: one layer per parameterised module", [c.module_name for c in resolved.components]
     config = find_config(model)
+    resolved.model = model
     labels: list[str] = []
     used: set[str] = set()
     for stack_name, blocks in stacks:
@@ -884,17 +943,17 @@ def resolve_layers(model: nn.Module, modules: ModuleSelection | None = None, fir
         (['1', '2', '3'], ['0', '2'])
     """
     reasons: dict[str, str] = {}
-    unsplit: dict[str, str] = {}
+    notes: dict[str, str] = {}
     if modules is None:
         resolved, architecture, labels = _resolve_automatic(model, first_layer_index)
-        components, skipped, reasons, unsplit = resolved.components, resolved.skipped, resolved.reasons, resolved.unsplit
+        components, skipped, reasons, notes = resolved.components, resolved.skipped, resolved.reasons, resolved.notes
     else:
         components, skipped, position = _resolve_selected(model, modules)
         architecture = "user selection"
         labels = [str(number + first_layer_index) for number in position]
     if not components:
         raise ValueError(f"Found no module with parameters to monitor in {type(model).__name__}.")
-    return LayerMap(components, labels, _ordered_names(components), architecture, skipped, reasons, unsplit)
+    return LayerMap(components, labels, _ordered_names(components), architecture, skipped, reasons, notes)
 
 
 def iter_unique_params(layer_map: LayerMap) -> Iterator[nn.Parameter]:

@@ -569,11 +569,12 @@ def test_fused_tensors_of_an_unconfirmed_layout_are_monitored_whole_and_reported
     names = layer_map.component_names
     assert "mlp.gate_up" in names and "mlp.experts.gate_up" in names
     assert not {"mlp.gate", "mlp.up", "mlp.experts.gate", "mlp.experts.up"} & set(names)
-    assert set(layer_map.unsplit) == {"layers.0.mlp.gate_up_proj", "layers.1.mlp.gate_up_proj",
-                                      "layers.0.moe.experts.gate_up_proj", "layers.1.moe.experts.gate_up_proj"}
+    assert set(layer_map.notes) == {"layers.0.mlp.gate_up_proj", "layers.1.mlp.gate_up_proj",
+                                    "layers.0.moe.experts.gate_up_proj", "layers.1.moe.experts.gate_up_proj"}
     report = layer_map.describe()
-    assert "Monitored whole, not split (fused layout not confirmed)" in report
-    assert "layers.*.moe.experts.gate_up_proj [the module does not declare" in report
-    assert "layers.*.mlp.gate_up_proj [its MLP's forward matches 0 of the 4 gate/up layouts]" in report
+    assert ("layers.*.moe.experts.gate_up_proj (x2): fused gate/up layout not confirmed (the module does not declare "
+            "whether gate and up are concatenated or interleaved): monitored whole as mlp.experts.gate_up") in report
+    assert ("layers.*.mlp.gate_up_proj (x2): fused gate/up layout not confirmed (its MLP's forward matches 0 of the 4 "
+            "gate/up layouts): monitored whole as mlp.gate_up") in report
     whole = _component(layer_map, 1, "mlp.experts.gate_up")
     assert [ref.part for ref in whole.params] == [None]  # the whole tensor, so its norm is exact

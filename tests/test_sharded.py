@@ -119,3 +119,11 @@ def test_fsdp1_without_orig_params_is_refused(tmp_path):
     result = _run(tmp_path, "fsdp1-flat", timeout=150)
     assert result.returncode != 0
     assert "needs FSDPStrategy(use_orig_params=True)" in result.stderr
+
+
+def test_fused_qkv_layouts_are_confirmed_on_sharded_ranks(runs):
+    """The layout probe rebuilds the attention on CPU from the config: FSDP2's DTensors neither stop it nor hang it."""
+    log = (runs / "fsdp2").parent.joinpath("fsdp2.log").read_text()
+    for architecture in ("gpt2", "gpt_neox"):
+        assert f"architecture: {architecture}): attn.q, attn.k, attn.v, attn.o" in log, architecture
+    assert "not confirmed" not in log
