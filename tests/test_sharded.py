@@ -81,10 +81,55 @@ def test_tensor_parallel_is_refused_without_hanging(tmp_path):
     assert "does not support tensor parallelism (ModelParallelStrategy with tensor_parallel_size=2)" in result.stderr
 
 
-def test_lens_callback_on_a_sharded_model_is_refused_without_hanging(tmp_path):
-    result = _run(tmp_path, "lens", timeout=150)
-    assert result.returncode != 0
-    assert "LogitLensHeatmap does not support sharded models" in result.stderr
+LENS_FILES = ["intervention_jsd/layer_x_site.npz", "intervention_jsd/layer_x_step.npz", "logit_lens/layer_x_step.npz",
+              "logit_lens/prompt_0.npz", "logit_lens/prompt_1.npz", "probe_auc/layer_x_position.npz",
+              "probe_auc/layer_x_step.npz"]
+
+
+def test_lens_callbacks_under_fsdp2_equal_one_process(tmp_path):
+    """One 2-rank FSDP2 run with the three lens callbacks against one process: every rank runs every
+    evaluation's forwards (none hangs), rank zero alone writes, and what it writes is one process's values."""
+    stdout = {}
+    for mode in ("lens-single", "lens-fsdp2"):
+        result = _run(tmp_path / mode, mode, timeout=240)
+        assert result.returncode == 0, result.stderr[-4000:]
+        stdout[mode] = result.stdout
+    counts = "evaluations: LogitLensHeatmap=3 ProbeHeatmap=3 InterventionHeatmap=3"  # steps 0, 2 and 4
+    assert f"rank 0 {counts}" in stdout["lens-single"]
+    assert f"rank 0 {counts}" in stdout["lens-fsdp2"] and f"rank 1 {counts}" in stdout["lens-fsdp2"]
+    (single_dir,) = _log_dirs(tmp_path / "lens-single" / "llama")
+    (sharded_dir,) = _log_dirs(tmp_path / "lens-fsdp2" / "llama")
+    assert len(glob.glob(f"{sharded_dir}/events.out.tfevents.*")) == 1  # rank zero writes alone
+
+    def written(log_dir):
+        return sorted(os.path.relpath(path, os.path.join(log_dir, "heatmaps"))
+                      for path in glob.glob(f"{log_dir}/heatmaps/**/*.npz", recursive=True))
+
+    assert written(single_dir) == written(sharded_dir) == LENS_FILES
+    for name in LENS_FILES:
+        expected = np.load(os.path.join(single_dir, "heatmaps", name))
+        actual = np.load(os.path.join(sharded_dir, "heatmaps", name))
+        assert sorted(actual.files) == sorted(expected.files), name
+        for key in expected.files:
+            if expected[key].dtype.kind in "fc":
+                assert np.isfinite(expected[key]).all(), (name, key)
+                np.testing.assert_allclose(actual[key], expected[key], rtol=1e-4, atol=1e-6, err_msg=f"{name}: {key}")
+            else:
+                np.testing.assert_array_equal(actual[key], expected[key], err_msg=f"{name}: {key}")
+    assert np.load(os.path.join(sharded_dir, "heatmaps", "logit_lens", "layer_x_step.npz"))["steps"].tolist() == [0, 2, 4]
+
+    # Every scalar of every evaluation (steps 0, 2 and 4), not only the last one the files hold.
+    lens_scalars = []
+    for log_dir in (single_dir, sharded_dir):
+        events = read_events(log_dir)
+        tags = [tag for tag in events.Tags()["scalars"] if tag.split("/")[0] in ("logit_lens", "probe_auc", "intervention_jsd")]
+        lens_scalars.append({tag: scalar_series(events, tag) for tag in tags})
+    expected, actual = lens_scalars
+    assert len(expected) >= 3 * 2 + 4 and sorted(actual) == sorted(expected)
+    for tag, series in expected.items():
+        assert sorted(actual[tag]) == sorted(series) == [0, 2, 4], tag
+        for step, value in series.items():
+            assert actual[tag][step] == pytest.approx(value, rel=1e-4, abs=1e-6), (tag, step)
 
 
 def test_resume_from_a_distributed_checkpoint_continues_the_history(tmp_path):
