@@ -8,7 +8,8 @@ MODE:
   on every block and the root, for each architecture (gpt2 is built in ``__init__``, the others in
   ``configure_model``);
 - ``fsdp1``: FSDPStrategy(use_orig_params=True) on up to 2 GPUs (CUDA only), each architecture;
-  ``fsdp1-flat``: the same with use_orig_params=False, which must be refused;
+  ``fsdp1-flat``: the same with use_orig_params=False, which must be refused; ``lens-fsdp1``: llama with a
+  ``LogitLensHeatmap`` under FSDPStrategy(use_orig_params=True), which must be refused;
 - ``tp``: 2 ranks of tensor parallelism (colwise q/k/v/up/gate, rowwise o/down): must be refused;
 - ``lens-single`` / ``lens-fsdp2``: llama on one process / ``fsdp2`` on 2 ranks with the three lens callbacks
   (logit lens, probes, interventions), each evaluated at steps 0, 2 and 4, the root sharded with
@@ -160,6 +161,8 @@ def main() -> None:
     elif mode in ("fsdp1", "fsdp1-flat"):  # needs CUDA: Lightning refuses FSDPStrategy on CPU
         for architecture in ARCHITECTURES:
             fit(out_dir, architecture, 2, core_callbacks(), fsdp1=mode == "fsdp1", enable_checkpointing=False)
+    elif mode == "lens-fsdp1":  # needs CUDA
+        fit(out_dir, "llama", 2, [LogitLensHeatmap([[3, 4, 5, 6, 7]], every_n_steps=2)], fsdp1=True, enable_checkpointing=False)
     elif mode == "tp":
         fit(out_dir, "llama", 2, core_callbacks(), tensor_parallel=True, enable_checkpointing=False)
     elif mode in ("lens-single", "lens-fsdp2"):

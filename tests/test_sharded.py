@@ -1,7 +1,8 @@
 """Sharded training on 2 CPU ranks (gloo): FSDP2 gives one process's numbers; what cannot be right is refused.
 
 Each mode runs tests/sharded_script.py in a subprocess with a timeout (a collective mismatch would hang
-until the 60 s process-group timeout; the subprocess timeout catches anything longer).
+until the 60 s process-group timeout; the subprocess timeout catches anything longer). The last tests run in
+this process on a 1-rank gloo group: which sharded layouts a lens callback accepts, and its gathering.
 """
 
 import glob
@@ -164,3 +165,75 @@ def test_fsdp1_without_orig_params_is_refused(tmp_path):
     result = _run(tmp_path, "fsdp1-flat", timeout=150)
     assert result.returncode != 0
     assert "needs FSDPStrategy(use_orig_params=True)" in result.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDPStrategy (FSDP1) needs CUDA: Lightning refuses it on CPU")
+def test_lens_callback_under_fsdp1_is_refused(tmp_path):
+    result = _run(tmp_path, "lens-fsdp1", timeout=150)
+    assert result.returncode != 0
+    assert "LogitLensHeatmap does not support FSDPStrategy (FSDP1)" in result.stderr
+
+
+# --- In this process, on a 1-rank gloo group: which layouts a lens callback evaluates, and gathering -----
+
+
+@pytest.fixture
+def one_rank_group():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_lens_sharding_accepts_fsdp2_and_gathers_the_decoder_outside_a_forward(one_rank_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from conftest import tiny_llama
+    from lightning_heatmaps.distributed import check_lens_sharding, fsdp2_units_of, gathered
+
+    model = tiny_llama(2)
+    assert check_lens_sharding(model, "LogitLensHeatmap") is False  # whole: rank zero evaluates alone
+    mesh = init_device_mesh("cpu", (1,))
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    assert check_lens_sharding(model, "LogitLensHeatmap") is True
+    units = fsdp2_units_of(model, [model.model.norm, model.lm_head, torch.nn.Linear(2, 2), lambda state: state])
+    assert units == [model]  # the root unit holds both; an outside module and a function add none
+    assert fsdp2_units_of(model, [model.model.layers[1].mlp]) == [model.model.layers[1]]
+    assert type(model.lm_head.weight).__name__ == "DTensor"
+    with gathered(units):
+        assert type(model.lm_head.weight).__name__ == "Parameter"
+        assert model.lm_head(model.model.norm(torch.randn(3, 32))).shape == (3, 48)
+    assert type(model.lm_head.weight).__name__ == "DTensor"  # resharded
+
+
+def test_lens_sharding_refuses_what_cannot_be_exact(one_rank_group):
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from lightning_heatmaps.distributed import check_lens_sharding
+
+    tensor_parallel = nn.Sequential(nn.Linear(4, 4))
+    parallelize_module(tensor_parallel[0], init_device_mesh("cpu", (1,)), ColwiseParallel())
+    with pytest.raises(ValueError, match=r"ProbeHeatmap does not support tensor parallelism: parameter 0.weight is a "
+                                         r"DTensor \(Shard\(dim=0\),\) that no `fully_shard` manages.*FSDP2"):
+        check_lens_sharding(tensor_parallel, "ProbeHeatmap")
+
+    mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    both = nn.Sequential(nn.Linear(4, 4))
+    parallelize_module(both[0], mesh["tensor_parallel"], ColwiseParallel())
+    fully_shard(both, mesh=mesh["data_parallel"])
+    with pytest.raises(ValueError, match=r"does not support tensor parallelism with FSDP2: parameter 0.weight is "
+                                         r"sharded as \(Shard\(dim=0\), Shard\(dim=0\)\)"):
+        check_lens_sharding(both, "InterventionHeatmap")
+
+    fsdp1 = FullyShardedDataParallel(nn.Sequential(nn.Linear(4, 4)), device_id=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"LogitLensHeatmap does not support FSDPStrategy \(FSDP1\).*FSDP2 \(`fully_shard`"):
+        check_lens_sharding(fsdp1, "LogitLensHeatmap")
