@@ -9,6 +9,9 @@ The callbacks ask three questions, all answered here:
   placed (a DTensor's ``placements`` under FSDP2, FSDP1's flat-shard offsets) and returns, per monitored
   slice, how to read this rank's share of it from the local tensor, cut by *global* indices so that a
   fused projection split across a shard boundary still adds up.
+- **Who evaluates a lens callback?** :func:`check_lens_sharding`: rank zero alone on a whole model (one
+  process, DDP); every rank, with the same forwards, on an FSDP2 model, whose units :func:`gathered`
+  unshards for a decoder used outside a forward; refused where no forward could give whole values.
 - **How are per-rank values pooled?** :func:`sum_over_ranks` (one all-reduce) and :func:`pool_over_ranks`
   (one all-gather, for sums and maxima together). Both are called on every rank, in the same order.
 """
@@ -16,7 +19,8 @@ The callbacks ask three questions, all answered here:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,26 +133,159 @@ def is_sharded_model(refs: Sequence[ParamRef]) -> bool:
     return any(is_dtensor(ref.param) or _fsdp1_info(ref.param) is not None for ref in refs)
 
 
-def refuse_sharded_evaluation(model: nn.Module, owner: str) -> None:
-    """Refuse a lens callback on a sharded model: one rank's forward would wait forever for the others.
+LENS_SUPPORTED = (
+    "Supported for lens heatmaps: one process, DDP (rank zero evaluates alone) and FSDP2 (`fully_shard`, e.g. "
+    "through ModelParallelStrategy(tensor_parallel_size=1); every rank evaluates)"
+)
+
+
+def _fsdp1_refusal(owner: str) -> str:
+    return (
+        f"{owner} does not support FSDPStrategy (FSDP1): evaluating a sharded model is implemented for FSDP2 "
+        f"only (an FSDP1 model's decoder would need its flat parameters summoned outside the wrapped forward, "
+        f"which is not done). {LENS_SUPPORTED}."
+    )
+
+
+def check_lens_strategy(trainer: Any, owner: str) -> None:
+    """:func:`check_strategy`, and FSDPStrategy (FSDP1) refused for a lens callback (see :func:`check_lens_sharding`).
 
     Raises:
-        ValueError: a parameter of ``model`` is a DTensor (FSDP2, tensor parallel) or an FSDP1 flat shard.
+        ValueError: as :func:`check_strategy`, or the strategy is an ``FSDPStrategy``.
+    """
+    check_strategy(trainer, owner)
+    if "FSDPStrategy" in _strategy_names(trainer.strategy):
+        raise ValueError(_fsdp1_refusal(owner))
+
+
+def _fsdp2_module_class() -> type | None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return None
+    return FSDPModule
+
+
+def _fsdp2_units(model: nn.Module) -> dict[nn.Module, nn.Module | None]:
+    """Every submodule of ``model`` mapped to the FSDP2 unit that manages its own parameters: the
+    module itself or its nearest ``fully_shard``-ed ancestor (``None`` where there is none)."""
+    cls = _fsdp2_module_class()
+    units: dict[nn.Module, nn.Module | None] = {}
+
+    def visit(module: nn.Module, unit: nn.Module | None) -> None:
+        unit = module if cls is not None and isinstance(module, cls) else unit
+        units[module] = unit
+        for child in module.children():
+            if child not in units:
+                visit(child, unit)
+
+    visit(model, None)
+    return units
+
+
+def check_lens_sharding(model: nn.Module, owner: str) -> bool:
+    """Whether every rank must take part in a lens callback's evaluation of ``model``.
+
+    ``False``: the model is whole on every rank (one process, DDP), so rank zero evaluates alone.
+    ``True``: it is sharded by FSDP2 (``fully_shard`` on a 1-D data-parallel mesh; HSDP's replicate x shard
+    mesh passes the same checks but has not been run): every rank runs the same forwards, in which FSDP2
+    all-gathers each unit's parameters, so each rank computes one process's values from the same fixed
+    probe set.
+
+    Raises:
+        ValueError: a layout whose evaluation cannot be exact: FSDP1 (``FSDPStrategy``), a DTensor parameter
+            that no ``fully_shard`` manages (tensor parallelism), sharded over more than one mesh dimension
+            (tensor parallelism with FSDP2) or with a Partial placement.
+
+    Example:
+        >>> check_lens_sharding(nn.Linear(2, 2), "LogitLensHeatmap")
+        False
     """
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:  # pragma: no cover
         FullyShardedDataParallel = ()  # type: ignore[assignment]
-    sharded = any(isinstance(m, FullyShardedDataParallel) for m in model.modules()) or any(
-        is_dtensor(p) for p in model.parameters()
-    )
-    if sharded:
-        raise ValueError(
-            f"{owner} does not support sharded models (FSDP2 `fully_shard`, FSDPStrategy, tensor parallel): its "
-            "evaluation runs on rank zero alone, and a sharded forward needs every rank, so the run would hang. "
-            "Supported for lens heatmaps: one process and DDP. The core callbacks (ActivationHeatmap, "
-            "GradientHeatmap) do support FSDP2 and FSDP1."
-        )
+    if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+        raise ValueError(_fsdp1_refusal(owner))
+    units = _fsdp2_units(model)
+    sharded = False
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not is_dtensor(param):
+                continue
+            where = f"{module_name}.{name}" if module_name else name
+            placements = tuple(param.placements)
+            if units.get(module) is None:
+                raise ValueError(
+                    f"{owner} does not support tensor parallelism: parameter {where} is a DTensor {placements} that "
+                    f"no `fully_shard` manages, so its forward outputs and decoded logits may be shards, not the "
+                    f"whole values. {LENS_SUPPORTED}."
+                )
+            if any(placement.is_partial() for placement in placements) or sum(p.is_shard() for p in placements) > 1:
+                raise ValueError(
+                    f"{owner} does not support tensor parallelism with FSDP2: parameter {where} is sharded as "
+                    f"{placements}; FSDP2 gathers only its own mesh dimension, so a forward would leave it split. "
+                    f"{LENS_SUPPORTED}."
+                )
+            sharded = True
+    return sharded
+
+
+def fsdp2_units_of(model: nn.Module, modules: Sequence[Any]) -> list[nn.Module]:
+    """The FSDP2 units (``fully_shard``-ed modules of ``model``) that manage the parameters of ``modules``,
+    in ``model``'s module order (the same on every rank). Modules outside ``model`` and anything that is not
+    a module (a plain callable) add none.
+
+    Example:
+        >>> fsdp2_units_of(nn.Sequential(nn.Linear(2, 2)), [nn.Linear(2, 2)])
+        []
+    """
+    units = _fsdp2_units(model)
+    wanted = {units.get(sub) for module in modules if isinstance(module, nn.Module) for sub in module.modules()
+              if any(True for _ in sub.parameters(recurse=False))}
+    return [module for module in model.modules() if module in wanted]
+
+
+@contextmanager
+def gathered(units: Sequence[nn.Module]) -> Iterator[None]:
+    """Whole parameters of the FSDP2 ``units`` on every rank, for direct use outside their forward (a
+    decoder applied to hidden states). An all-gather per unit: every rank must enter it, with the same
+    ``units`` in the same order. Resharding on exit is local (no collective), so an error inside cannot
+    leave a rank waiting.
+
+    Example:
+        >>> with gathered([]):  # no sharded unit: nothing to gather
+        ...     pass
+    """
+    try:
+        for unit in units:
+            unit.unshard()
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
+@contextmanager
+def resharded_after(model: nn.Module) -> Iterator[None]:
+    """Reshard every FSDP2 unit of ``model`` on exit: an evaluation's forward leaves the root unit gathered
+    (FSDP2 does not reshard the root after forward, expecting a backward), which would hold its whole
+    parameters until the next training step. Local, no collective.
+
+    Example:
+        >>> with resharded_after(nn.Linear(2, 2)):
+        ...     pass
+    """
+    try:
+        yield
+    finally:
+        cls = _fsdp2_module_class()
+        for module in model.modules():
+            if cls is not None and isinstance(module, cls):
+                module.reshard()
 
 
 # --- This rank's share of a parameter ------------------------------------------------------------

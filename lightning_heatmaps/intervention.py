@@ -146,21 +146,27 @@ class InterventionHeatmap(LensCallback):
         subject = torch.arange(*span, device=device)
         last = tokens - 1
         batch = torch.tensor([ids], device=device).expand(rows, tokens)
-        noise = None
-        if self.corruption == "noise":
-            embeddings = self._model.get_input_embeddings()(batch[:1]).float()
-            generator = torch.Generator().manual_seed(self.seed + prompt_index)
-            noise = (torch.randn(tokens, embeddings.shape[-1], generator=generator) * self.noise_scale
-                     * embeddings.std().cpu()).to(device)
+        noise: dict[str, Tensor] = {}
         handles = []
+
+        def scale_noise(module: nn.Module, args: tuple, output: Tensor) -> None:
+            # The clean row's input embeddings, read in the model's own forward (under FSDP2 the embedding
+            # is gathered there, and only there), size the seeded noise.
+            if "value" in noise:
+                return
+            generator = torch.Generator().manual_seed(self.seed + prompt_index)
+            noise["value"] = (torch.randn(tokens, output.shape[-1], generator=generator) * self.noise_scale
+                              * output[0].float().std().cpu()).to(device)
 
         def corrupt_rows(layer: int) -> Any:
             def hook(module: nn.Module, args: tuple, output: Any) -> Any:
                 states = _output_tensor(output)
                 changed = states.clone()
                 mean = states[0].mean(dim=0) if self.corruption == "mean" else None
+                if self.corruption == "noise" and "value" not in noise:
+                    raise RuntimeError("the input embeddings did not run before the layers, so the noise has no scale")
                 for row, positions in ((1 + layer, subject), (1 + 2 * layers + layer, torch.tensor([last], device=device))):
-                    part = None if noise is None else noise[positions]
+                    part = noise["value"][positions] if self.corruption == "noise" else None
                     changed[row, positions] = corrupt(states[row, positions], self.corruption, part, mean)
                 return _with_tensor(output, changed)
             return hook
@@ -182,6 +188,8 @@ class InterventionHeatmap(LensCallback):
             return hook
 
         try:
+            if self.corruption == "noise":
+                handles.append(self._model.get_input_embeddings().register_forward_hook(scale_noise))
             for layer, (block, attention) in enumerate(zip(self._blocks, self._attentions)):
                 handles.append(block.register_forward_hook(corrupt_rows(layer)))
                 handles.append(attention.register_forward_pre_hook(block_edges(layer), with_kwargs=True))

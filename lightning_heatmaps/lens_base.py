@@ -1,9 +1,15 @@
 """What the lens heatmap callbacks share: the schedule, evaluation on a fixed probe set, the outputs.
 
-An evaluation runs on rank zero only (other ranks return at once, so no rank waits on another), in
-eval mode under ``torch.no_grad()``, and restores train mode afterwards. A sharded model (FSDP2, FSDP1)
-cannot be evaluated by one rank alone (its forward all-gathers parameters from every rank), so it is
-refused at fit start rather than left to hang. Its result is a set of
+An evaluation runs in eval mode under ``torch.no_grad()`` and restores train mode afterwards. On a model
+that is whole on every rank (one process, DDP) rank zero evaluates alone: the other ranks return at once,
+so no rank waits on another. On an FSDP2 model every rank evaluates: the same probe set, the same forwards
+in the same order (each all-gathers parameters from every rank), so every rank computes the same values
+and rank zero writes them (the sinks exist on rank zero only). The schedule depends only on the global
+step, and an evaluation that fails is skipped on every rank alike, since every rank runs the same code on
+the same inputs and parameters (a failure that one rank alone meets in the middle of a forward, such as
+running out of memory, leaves the others in FSDP2's all-gather until the process group's timeout). What
+cannot be exact (FSDP1, tensor parallelism) is refused at fit start
+(:func:`~lightning_heatmaps.distributed.check_lens_sharding`). Its result is a set of
 heatmap matrices plus one summary value per layer; the summary enters a ring buffer whose layer x step
 history is drawn like the core callbacks' (same buffer, renderer, sinks and background writer).
 """
@@ -22,7 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_heatmaps.distributed import check_strategy, refuse_sharded_evaluation
+from lightning_heatmaps.distributed import check_lens_sharding, check_lens_strategy, resharded_after
 from lightning_heatmaps.layers import layer_tags
 from lightning_heatmaps.render import figure_to_rgb, heatmap_figure, metric_images
 from lightning_heatmaps.ring_buffer import POLICIES, RingBuffer
@@ -102,6 +108,7 @@ class LensCallback(Callback):
         self._outputs: RunOutputs | None = None
         self._last_step: int | None = None
         self._warned: set[str] = set()
+        self._every_rank = False
         self.evaluations = 0
 
     # --- subclass interface ------------------------------------------------------------------
@@ -155,13 +162,13 @@ class LensCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            check_strategy(trainer, type(self).__name__)
+            check_lens_strategy(trainer, type(self).__name__)
             check_distinct_outputs(trainer, self)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After `configure_model` and the strategy's wrapping, like the core callbacks.
-        refuse_sharded_evaluation(pl_module, type(self).__name__)
+        self._every_rank = check_lens_sharding(pl_module, type(self).__name__)
         layers = self._prepare(trainer, pl_module)
         self.layer_labels = [str(i + self.first_layer_index) for i in range(layers)]
         self._layer_tags = layer_tags(layers, self.first_layer_index)
@@ -215,12 +222,12 @@ class LensCallback(Callback):
         if step == self._last_step or self._buffer is None:
             return
         self._last_step = step
-        if not trainer.is_global_zero:
-            return  # rank zero evaluates alone: no collective, so no rank ever waits on another
+        if not (self._every_rank or trainer.is_global_zero):
+            return  # a whole model: rank zero evaluates alone, no collective, so no rank waits on another
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), resharded_after(pl_module):
                 result = self._evaluate(pl_module)
         except Exception as error:  # an evaluation never crashes training: report, skip, go on
             self._warn_once(f"error:{type(error).__name__}", f"evaluation skipped at step {step} ({type(error).__name__}: "

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_heatmaps.distributed import fsdp2_units_of, gathered
 from lightning_heatmaps.layers import find_decoder, find_language_model, find_layer_stack
 from lightning_heatmaps.lens import DIVERGENCES, deep_thinking_share, logit_lens, settling_depth
 from lightning_heatmaps.lens_base import LensCallback, LensImage, LensResult, as_token_lists, check_memory, token_strings
@@ -38,7 +39,10 @@ class LogitLensHeatmap(LensCallback):
             ``(pl_module, ids[1, T]) -> [layer outputs, each (1, T, width)]``; the reference is then
             ``decoder(last layer output)``.
         decoder: a callable from a hidden state to logits (final norm and unembedding), replacing the
-            automatically found ``final_norm`` and ``get_output_embeddings()``.
+            automatically found ``final_norm`` and ``get_output_embeddings()``. Under FSDP2, a decoder that
+            uses the model's parameters must be an ``nn.Module`` of the model (its units are gathered
+            around each decode); a plain function reading sharded parameters fails (DTensor mixed with tensors),
+            and its evaluations are skipped with a warning.
         chunk_tokens: tokens decoded at a time (bounds the ``tokens x vocabulary`` memory).
         every_n_steps, on_validation_end, capacity, history, first_layer_index, cmap, max_memory_mb:
             see :class:`~lightning_heatmaps.lens_base.LensCallback`.
@@ -99,6 +103,7 @@ class LogitLensHeatmap(LensCallback):
 
     @override
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+        decoder_modules = [self.decoder]
         if self.hidden_states_fn is not None:
             self._language_model = None
             self._decode = self.decoder
@@ -114,6 +119,7 @@ class LogitLensHeatmap(LensCallback):
             else:
                 final_norm, unembed = find_decoder(language_model)
                 self._decode = lambda state: unembed(final_norm(state))
+                decoder_modules = [final_norm, unembed]
             config = language_model.config
             stack = find_layer_stack(language_model)
             if stack is None:
@@ -131,6 +137,8 @@ class LogitLensHeatmap(LensCallback):
                 raise ValueError(f"Invalid value for prompts: token ids {bad[:5]} are outside the vocabulary (size {vocabulary}).")
         if layers < 1:
             raise ValueError(f"Cannot find the number of layers of {type(pl_module).__name__}.")
+        # Under FSDP2 the decoder is applied outside any forward: its units are gathered around each decode.
+        self._decoder_units = fsdp2_units_of(pl_module, decoder_modules)
         if vocabulary is not None and width is not None:
             longest = max(len(ids) for ids in self.prompt_ids)
             megabytes = 4 * (min(self.chunk_tokens, longest) * vocabulary * 6 + (layers + 1) * longest * width) / 2**20
@@ -162,7 +170,8 @@ class LogitLensHeatmap(LensCallback):
             states, final_logits = self._layer_states(pl_module, tensor)
             if len(states) != layers:
                 raise ValueError(f"Got hidden states for {len(states)} layers, expected {layers}.")
-            values = logit_lens(states, self._decode, final_logits, self.divergence, self.chunk_tokens)
+            with gathered(self._decoder_units):
+                values = logit_lens(states, self._decode, final_logits, self.divergence, self.chunk_tokens)
             distance = 1.0 - values if self.divergence == "top1" else values
             depth = settling_depth(distance, self.settle_threshold)
             matrix = values.T.cpu().numpy().astype(np.float64)  # (layers, tokens)

@@ -8,9 +8,12 @@ MODE:
   on every block and the root, for each architecture (gpt2 is built in ``__init__``, the others in
   ``configure_model``);
 - ``fsdp1``: FSDPStrategy(use_orig_params=True) on up to 2 GPUs (CUDA only), each architecture;
-  ``fsdp1-flat``: the same with use_orig_params=False, which must be refused;
+  ``fsdp1-flat``: the same with use_orig_params=False, which must be refused; ``lens-fsdp1``: llama with a
+  ``LogitLensHeatmap`` under FSDPStrategy(use_orig_params=True), which must be refused;
 - ``tp``: 2 ranks of tensor parallelism (colwise q/k/v/up/gate, rowwise o/down): must be refused;
-- ``lens``: ``fsdp2`` for llama with a ``LogitLensHeatmap``: must be refused, not hang;
+- ``lens-single`` / ``lens-fsdp2``: llama on one process / ``fsdp2`` on 2 ranks with the three lens callbacks
+  (logit lens, probes, interventions), each evaluated at steps 0, 2 and 4, the root sharded with
+  ``reshard_after_forward=True``; every rank prints how many evaluations it ran;
 - ``resume``: ``fsdp2`` for llama, 4 steps with a distributed checkpoint, then resumed to 8 steps.
 
 Each global batch is the same in every mode: one process takes 8 rows, rank r of 2 takes rows r, r+2, ...
@@ -29,7 +32,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import VOCAB, TokenModel  # noqa: E402
 
-from lightning_heatmaps import ActivationHeatmap, GradientHeatmap, LogitLensHeatmap  # noqa: E402
+from lightning_heatmaps import (  # noqa: E402
+    ActivationHeatmap, GradientHeatmap, InterventionHeatmap, LogitLensHeatmap, ProbeHeatmap,
+)
 
 warnings.filterwarnings("ignore")
 
@@ -66,9 +71,11 @@ def blocks(model: torch.nn.Module):
 
 
 class Sharded(TokenModel):
-    def __init__(self, architecture: str, ranks: int, build_in_init: bool, tensor_parallel: bool = False) -> None:
+    def __init__(self, architecture: str, ranks: int, build_in_init: bool, tensor_parallel: bool = False,
+                 reshard_root: bool | None = None) -> None:
         super().__init__(build(architecture) if build_in_init else None)
         self.architecture, self.ranks, self.tensor_parallel = architecture, ranks, tensor_parallel
+        self.reshard_root = reshard_root  # None: FSDP2's default, the root stays gathered after its forward
 
     def configure_model(self) -> None:
         if self.model is None:
@@ -90,7 +97,7 @@ class Sharded(TokenModel):
         mesh = self.device_mesh["data_parallel"]
         for block in blocks(self.model):
             fully_shard(block, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
+        fully_shard(self.model, mesh=mesh, reshard_after_forward=self.reshard_root)
 
     def train_dataloader(self):
         rows = DATA[self.global_rank :: self.ranks]
@@ -98,7 +105,7 @@ class Sharded(TokenModel):
 
 
 def fit(out_dir: str, architecture: str, ranks: int, callbacks, tensor_parallel=False, max_steps=4, ckpt_path=None,
-        build_in_init=None, fsdp1=None, **options) -> L.Trainer:
+        build_in_init=None, fsdp1=None, reshard_root=None, **options) -> L.Trainer:
     accelerator = "cpu"
     if fsdp1 is not None:
         from lightning.pytorch.strategies import FSDPStrategy
@@ -125,13 +132,25 @@ def fit(out_dir: str, architecture: str, ranks: int, callbacks, tensor_parallel=
     if build_in_init is None:
         build_in_init = architecture == "gpt2"
     # Under FSDPStrategy, Lightning wraps the model itself: the module shards nothing on its own.
-    trainer.fit(Sharded(architecture, 1 if fsdp1 is not None else ranks, build_in_init, tensor_parallel), ckpt_path=ckpt_path)
+    module = Sharded(architecture, 1 if fsdp1 is not None else ranks, build_in_init, tensor_parallel, reshard_root)
+    trainer.fit(module, ckpt_path=ckpt_path)
     return trainer
 
 
 def core_callbacks():
     return [ActivationHeatmap(every_n_steps=1, metrics=ACTIVATION_METRICS),
             GradientHeatmap(every_n_steps=1, metrics=GRADIENT_METRICS)]
+
+
+def lens_callbacks():
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(6, VOCAB, (32, 8), generator=generator)
+    labels = torch.arange(32) % 2
+    ids[labels == 1, 3] = 5  # readable from position 3 on
+    return [LogitLensHeatmap([[3, 4, 5, 6, 7, 8], [9, 10, 11, 12]], every_n_steps=2),
+            ProbeHeatmap(ids, labels, positions={"fourth": [3] * 32}, offsets=[-1], every_n_steps=2),
+            InterventionHeatmap([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15]], subject_spans=[(1, 3), (0, 2)], window=2,
+                                every_n_steps=2)]
 
 
 def main() -> None:
@@ -142,10 +161,17 @@ def main() -> None:
     elif mode in ("fsdp1", "fsdp1-flat"):  # needs CUDA: Lightning refuses FSDPStrategy on CPU
         for architecture in ARCHITECTURES:
             fit(out_dir, architecture, 2, core_callbacks(), fsdp1=mode == "fsdp1", enable_checkpointing=False)
+    elif mode == "lens-fsdp1":  # needs CUDA
+        fit(out_dir, "llama", 2, [LogitLensHeatmap([[3, 4, 5, 6, 7]], every_n_steps=2)], fsdp1=True, enable_checkpointing=False)
     elif mode == "tp":
         fit(out_dir, "llama", 2, core_callbacks(), tensor_parallel=True, enable_checkpointing=False)
-    elif mode == "lens":
-        fit(out_dir, "llama", 2, [LogitLensHeatmap([[3, 4, 5, 6, 7]], every_n_steps=2)], enable_checkpointing=False)
+    elif mode in ("lens-single", "lens-fsdp2"):
+        callbacks = lens_callbacks()
+        # The root resharded after its forward too: the logit lens' decoder (root unit) is then gathered for it.
+        trainer = fit(out_dir, "llama", 1 if mode == "lens-single" else 2, callbacks, reshard_root=True,
+                      enable_checkpointing=False)
+        counts = " ".join(f"{type(callback).__name__}={callback.evaluations}" for callback in callbacks)
+        print(f"rank {trainer.global_rank} evaluations: {counts}", flush=True)
     elif mode == "resume":
         checkpoint = ModelCheckpoint(dirpath=os.path.join(out_dir, "checkpoints"), save_last=True)
         fit(out_dir, "llama", 2, [*core_callbacks(), checkpoint], max_steps=4)

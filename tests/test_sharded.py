@@ -1,7 +1,8 @@
 """Sharded training on 2 CPU ranks (gloo): FSDP2 gives one process's numbers; what cannot be right is refused.
 
 Each mode runs tests/sharded_script.py in a subprocess with a timeout (a collective mismatch would hang
-until the 60 s process-group timeout; the subprocess timeout catches anything longer).
+until the 60 s process-group timeout; the subprocess timeout catches anything longer). The last tests run in
+this process on a 1-rank gloo group: which sharded layouts a lens callback accepts, and its gathering.
 """
 
 import glob
@@ -81,10 +82,55 @@ def test_tensor_parallel_is_refused_without_hanging(tmp_path):
     assert "does not support tensor parallelism (ModelParallelStrategy with tensor_parallel_size=2)" in result.stderr
 
 
-def test_lens_callback_on_a_sharded_model_is_refused_without_hanging(tmp_path):
-    result = _run(tmp_path, "lens", timeout=150)
-    assert result.returncode != 0
-    assert "LogitLensHeatmap does not support sharded models" in result.stderr
+LENS_FILES = ["intervention_jsd/layer_x_site.npz", "intervention_jsd/layer_x_step.npz", "logit_lens/layer_x_step.npz",
+              "logit_lens/prompt_0.npz", "logit_lens/prompt_1.npz", "probe_auc/layer_x_position.npz",
+              "probe_auc/layer_x_step.npz"]
+
+
+def test_lens_callbacks_under_fsdp2_equal_one_process(tmp_path):
+    """One 2-rank FSDP2 run with the three lens callbacks against one process: every rank runs every
+    evaluation's forwards (none hangs), rank zero alone writes, and what it writes is one process's values."""
+    stdout = {}
+    for mode in ("lens-single", "lens-fsdp2"):
+        result = _run(tmp_path / mode, mode, timeout=240)
+        assert result.returncode == 0, result.stderr[-4000:]
+        stdout[mode] = result.stdout
+    counts = "evaluations: LogitLensHeatmap=3 ProbeHeatmap=3 InterventionHeatmap=3"  # steps 0, 2 and 4
+    assert f"rank 0 {counts}" in stdout["lens-single"]
+    assert f"rank 0 {counts}" in stdout["lens-fsdp2"] and f"rank 1 {counts}" in stdout["lens-fsdp2"]
+    (single_dir,) = _log_dirs(tmp_path / "lens-single" / "llama")
+    (sharded_dir,) = _log_dirs(tmp_path / "lens-fsdp2" / "llama")
+    assert len(glob.glob(f"{sharded_dir}/events.out.tfevents.*")) == 1  # rank zero writes alone
+
+    def written(log_dir):
+        return sorted(os.path.relpath(path, os.path.join(log_dir, "heatmaps"))
+                      for path in glob.glob(f"{log_dir}/heatmaps/**/*.npz", recursive=True))
+
+    assert written(single_dir) == written(sharded_dir) == LENS_FILES
+    for name in LENS_FILES:
+        expected = np.load(os.path.join(single_dir, "heatmaps", name))
+        actual = np.load(os.path.join(sharded_dir, "heatmaps", name))
+        assert sorted(actual.files) == sorted(expected.files), name
+        for key in expected.files:
+            if expected[key].dtype.kind in "fc":
+                assert np.isfinite(expected[key]).all(), (name, key)
+                np.testing.assert_allclose(actual[key], expected[key], rtol=1e-4, atol=1e-6, err_msg=f"{name}: {key}")
+            else:
+                np.testing.assert_array_equal(actual[key], expected[key], err_msg=f"{name}: {key}")
+    assert np.load(os.path.join(sharded_dir, "heatmaps", "logit_lens", "layer_x_step.npz"))["steps"].tolist() == [0, 2, 4]
+
+    # Every scalar of every evaluation (steps 0, 2 and 4), not only the last one the files hold.
+    lens_scalars = []
+    for log_dir in (single_dir, sharded_dir):
+        events = read_events(log_dir)
+        tags = [tag for tag in events.Tags()["scalars"] if tag.split("/")[0] in ("logit_lens", "probe_auc", "intervention_jsd")]
+        lens_scalars.append({tag: scalar_series(events, tag) for tag in tags})
+    expected, actual = lens_scalars
+    assert len(expected) >= 3 * 2 + 4 and sorted(actual) == sorted(expected)
+    for tag, series in expected.items():
+        assert sorted(actual[tag]) == sorted(series) == [0, 2, 4], tag
+        for step, value in series.items():
+            assert actual[tag][step] == pytest.approx(value, rel=1e-4, abs=1e-6), (tag, step)
 
 
 def test_resume_from_a_distributed_checkpoint_continues_the_history(tmp_path):
@@ -127,3 +173,75 @@ def test_fused_qkv_layouts_are_confirmed_on_sharded_ranks(runs):
     for architecture in ("gpt2", "gpt_neox"):
         assert f"architecture: {architecture}): attn.q, attn.k, attn.v, attn.o" in log, architecture
     assert "not confirmed" not in log
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDPStrategy (FSDP1) needs CUDA: Lightning refuses it on CPU")
+def test_lens_callback_under_fsdp1_is_refused(tmp_path):
+    result = _run(tmp_path, "lens-fsdp1", timeout=150)
+    assert result.returncode != 0
+    assert "LogitLensHeatmap does not support FSDPStrategy (FSDP1)" in result.stderr
+
+
+# --- In this process, on a 1-rank gloo group: which layouts a lens callback evaluates, and gathering -----
+
+
+@pytest.fixture
+def one_rank_group():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_lens_sharding_accepts_fsdp2_and_gathers_the_decoder_outside_a_forward(one_rank_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from conftest import tiny_llama
+    from lightning_heatmaps.distributed import check_lens_sharding, fsdp2_units_of, gathered
+
+    model = tiny_llama(2)
+    assert check_lens_sharding(model, "LogitLensHeatmap") is False  # whole: rank zero evaluates alone
+    mesh = init_device_mesh("cpu", (1,))
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    assert check_lens_sharding(model, "LogitLensHeatmap") is True
+    units = fsdp2_units_of(model, [model.model.norm, model.lm_head, torch.nn.Linear(2, 2), lambda state: state])
+    assert units == [model]  # the root unit holds both; an outside module and a function add none
+    assert fsdp2_units_of(model, [model.model.layers[1].mlp]) == [model.model.layers[1]]
+    assert type(model.lm_head.weight).__name__ == "DTensor"
+    with gathered(units):
+        assert type(model.lm_head.weight).__name__ == "Parameter"
+        assert model.lm_head(model.model.norm(torch.randn(3, 32))).shape == (3, 48)
+    assert type(model.lm_head.weight).__name__ == "DTensor"  # resharded
+
+
+def test_lens_sharding_refuses_what_cannot_be_exact(one_rank_group):
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from lightning_heatmaps.distributed import check_lens_sharding
+
+    tensor_parallel = nn.Sequential(nn.Linear(4, 4))
+    parallelize_module(tensor_parallel[0], init_device_mesh("cpu", (1,)), ColwiseParallel())
+    with pytest.raises(ValueError, match=r"ProbeHeatmap does not support tensor parallelism: parameter 0.weight is a "
+                                         r"DTensor \(Shard\(dim=0\),\) that no `fully_shard` manages.*FSDP2"):
+        check_lens_sharding(tensor_parallel, "ProbeHeatmap")
+
+    mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    both = nn.Sequential(nn.Linear(4, 4))
+    parallelize_module(both[0], mesh["tensor_parallel"], ColwiseParallel())
+    fully_shard(both, mesh=mesh["data_parallel"])
+    with pytest.raises(ValueError, match=r"does not support tensor parallelism with FSDP2: parameter 0.weight is "
+                                         r"sharded as \(Shard\(dim=0\), Shard\(dim=0\)\)"):
+        check_lens_sharding(both, "InterventionHeatmap")
+
+    fsdp1 = FullyShardedDataParallel(nn.Sequential(nn.Linear(4, 4)), device_id=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"LogitLensHeatmap does not support FSDPStrategy \(FSDP1\).*FSDP2 \(`fully_shard`"):
+        check_lens_sharding(fsdp1, "LogitLensHeatmap")
