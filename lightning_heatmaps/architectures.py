@@ -103,7 +103,8 @@ def _kv_heads(config: Any) -> int:
     return _heads(config)
 
 
-def _hidden(config: Any) -> int:
+def hidden_size(config: Any) -> int:
+    """The model width a config names (``hidden_size``, ``n_embd``, ``d_model`` or ``dim``)."""
     for name in ("hidden_size", "n_embd", "d_model", "dim"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
@@ -113,7 +114,7 @@ def _hidden(config: Any) -> int:
 
 def _head_dim(config: Any) -> int:
     value = getattr(config, "head_dim", None)
-    return value if isinstance(value, int) and value > 0 else _hidden(config) // _heads(config)
+    return value if isinstance(value, int) and value > 0 else hidden_size(config) // _heads(config)
 
 
 #: A fused layout: ``(names in storage order, segment sizes per group, groups)`` along the output features.
@@ -146,14 +147,14 @@ def _falcon_qkv(config: Any) -> FusedLayout:
 def _bigcode_qkv(config: Any) -> FusedLayout:
     if getattr(config, "multi_query", True):
         size = _head_dim(config)
-        return QKV, (_hidden(config), size, size), 1
+        return QKV, (hidden_size(config), size, size), 1
     return _per_head_qkv(config)
 
 
 def _codegen_qkv(config: Any) -> FusedLayout:
     """CodeGen: 4 model-parallel groups, each ``[q | v | k]`` (its own storage order)."""
     groups = 4
-    local = _hidden(config) // groups
+    local = hidden_size(config) // groups
     return ("q", "v", "k"), (local, local, local), groups
 
 

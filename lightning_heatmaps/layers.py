@@ -20,10 +20,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_heatmaps.architectures import (
-    ADAPTER_SEGMENTS, COMPONENT_ORDER, EXPERT_PARAMETERS, FUSED_QKV_LAYOUTS, LEAVES, NORM_CLASS_HINTS, _hidden,
+    ADAPTER_SEGMENTS, COMPONENT_ORDER, EXPERT_PARAMETERS, FUSED_QKV_LAYOUTS, LEAVES, NORM_CLASS_HINTS,
     SEGMENT_ROLES, SUBTREES, WRAPPER_SEGMENTS, FusedLayout,
 )
-from lightning_heatmaps.layouts import confirm_fused_qkv
+from lightning_heatmaps.layouts import confirm_expert_gate_up, confirm_fused_qkv, confirm_gate_up
 
 CANONICAL_COMPONENTS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.gate", "mlp.down")
 
@@ -478,98 +478,6 @@ def _fused_layout(kind: str, module: nn.Module, param: Tensor, config: Any, weig
     return layout if sum(sizes) * groups == size else None
 
 
-class _ProbeDone(Exception):
-    """Raised by a probe's hook once it has seen what it needs: the rest of the forward does not run."""
-
-
-#: Every way a fused gate/up output can be laid out: names in storage order, segment sizes (in halves), groups.
-GATE_UP_CANDIDATES = (("gate", "up", False), ("up", "gate", False), ("gate", "up", True), ("up", "gate", True))
-
-
-def confirm_gate_up(mlp: nn.Module, fused_name: str, down_name: str, config: Any) -> FusedLayout | str:
-    """The layout of a fused 2-D ``gate_up`` projection, confirmed by the MLP's own forward, or why it is not.
-
-    One token runs through ``mlp`` with the fused projection's output replaced by fixed values ``v`` (a hook);
-    what reaches the down projection is compared with ``act(gate) * up`` for every way ``v`` can split into gate
-    and up (:data:`GATE_UP_CANDIDATES`: concatenated or interleaved, gate or up first), with ``act`` the
-    config's ``hidden_act``. Exactly one must match. Nothing after the down projection's input runs, the
-    global RNG is not used, and the module's parameters, modes and hooks are as they were. Where the
-    parameters cannot run a plain forward (sharded by FSDP2), a fresh, uninitialised instance of the MLP's
-    class built from ``config`` runs instead (its weights do not matter: the hook replaces the output).
-
-    Example:
-        >>> from transformers import Phi3Config
-        >>> from transformers.models.phi3.modeling_phi3 import Phi3MLP
-        >>> config = Phi3Config(hidden_size=8, intermediate_size=12)
-        >>> confirm_gate_up(Phi3MLP(config), "gate_up_proj", "down_proj", config)
-        (('gate', 'up'), (12, 12), 1)
-    """
-    act_name = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
-    if not isinstance(act_name, str):
-        return "no config names the activation"
-    try:
-        from transformers.activations import ACT2FN
-
-        act = ACT2FN[act_name]
-    except (ImportError, KeyError):
-        return f"unknown activation {act_name!r}"
-    fused = mlp.get_submodule(fused_name)
-    width, hidden = fused.weight.shape[0], fused.weight.shape[1]
-    if width % 2:
-        return f"an odd fused size {width}"
-    values = torch.rand(width, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 4 - 2
-
-    def run(module: nn.Module) -> Tensor:
-        seen: list[Tensor] = []
-        weight = module.get_submodule(fused_name).weight
-        replace = lambda m, args, output: values.to(output.dtype).to(output.device).expand(output.shape).clone()
-
-        def capture(m: nn.Module, args: tuple) -> None:
-            seen.append(args[0].detach())
-            raise _ProbeDone
-
-        modes = {m: m.training for m in module.modules()}
-        handles = [module.get_submodule(fused_name).register_forward_hook(replace),
-                   module.get_submodule(down_name).register_forward_pre_hook(capture)]
-        try:
-            module.train(False)
-            with torch.no_grad():
-                module(torch.zeros(1, 1, hidden, dtype=weight.dtype, device=weight.device))
-        except _ProbeDone:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-            for m, training in modes.items():
-                m.training = training
-        if not seen:
-            raise RuntimeError("the down projection was never called")
-        return seen[0].flatten().double().cpu()
-
-    try:
-        try:
-            received = run(mlp)
-        except Exception:  # parameters that cannot run a plain forward (FSDP2 shards): a fresh instance
-            with torch.device("meta"):
-                fresh = type(mlp)(config)
-            received = run(fresh.to_empty(device="cpu").float())
-    except Exception as error:  # never break a run: the tensor is monitored whole
-        return f"its MLP's forward could not be probed ({type(error).__name__})"
-    low_precision = fused.weight.dtype in (torch.float16, torch.bfloat16)
-    tolerance = dict(rtol=2e-2, atol=2e-2) if low_precision else dict(rtol=1e-4, atol=1e-5)
-    half = width // 2
-    matches = []
-    for first, second, interleaved in GATE_UP_CANDIDATES:
-        layout: FusedLayout = ((first, second), (1, 1), half) if interleaved else ((first, second), (half, half), 1)
-        parts = {name: FusedPart(layout[1], index, layout[2]).take(values, 0).flatten() for index, name in enumerate(layout[0])}
-        expected = act(parts["gate"].to(fused.weight.dtype).float()).double() * parts["up"].to(fused.weight.dtype).double()
-        if received.shape == expected.shape and torch.allclose(received, expected, **tolerance):
-            matches.append(layout)
-    if len(matches) != 1:
-        return f"its MLP's forward matches {len(matches)} of the {len(GATE_UP_CANDIDATES)} gate/up layouts"
-    return matches[0]
-
-
 @dataclass
 class _Resolved:
     components: list[Component] = field(default_factory=list)
@@ -647,48 +555,14 @@ def _fused_components(layer: int, full: str, module: nn.Module, owner_params: tu
     return result
 
 
-def _expert_gate_up_layout(module: nn.Module, param: Tensor, config: Any) -> tuple[int, FusedPart, FusedPart] | str:
-    """``(output dim, gate part, up part)`` of a 3-D fused ``gate_up`` expert tensor, or why it is not confirmed.
-
-    The storage order (``[experts, out, in]`` or ``[experts, in, out]``) is read from the shape against the
-    config's hidden size, which decides it whenever the two inner sizes differ; where they are equal, the
-    module's own declaration decides. Whether gate and up are concatenated (``[gate | up]``) or interleaved
-    (``gate_0 up_0 gate_1 up_1 ...``) only the module can say: transformers' experts modules declare both
-    (``is_transposed``, ``is_concatenated``), and its own expert kernels compute from that declaration.
-    """
-    declared_transposed = getattr(module, "is_transposed", None)
-    concatenated = getattr(module, "is_concatenated", None)
-    if not isinstance(concatenated, bool):
-        return "the module does not declare whether gate and up are concatenated or interleaved"
-    try:
-        hidden = _hidden(config) if config is not None else None
-    except ValueError:
-        hidden = None
-    first, second = param.shape[1], param.shape[2]
-    if hidden is not None and (first == hidden) != (second == hidden):
-        transposed = first == hidden  # [experts, hidden (in), 2 x intermediate (out)]
-        if isinstance(declared_transposed, bool) and declared_transposed != transposed:
-            return f"its shape {tuple(param.shape)} contradicts its declared is_transposed={declared_transposed}"
-    elif isinstance(declared_transposed, bool):
-        transposed = declared_transposed
-    else:
-        return f"its shape {tuple(param.shape)} does not decide which dimension is the output"
-    dim = 2 if transposed else 1
-    size = param.shape[dim]
-    if size % 2:
-        return f"an odd fused size {size}"
-    if concatenated:
-        return dim, FusedPart((size // 2, size // 2), 0), FusedPart((size // 2, size // 2), 1)
-    return dim, FusedPart((1, 1), 0, size // 2), FusedPart((1, 1), 1, size // 2)
-
-
 def _expert_components(layer: int, full: str, module: nn.Module, prefix: str, config: Any,
                        resolved: _Resolved) -> list[Component]:
     """Experts fused into 3-D parameters ``[experts, ...]``: one component per role, over all experts.
 
     A bias (``<weight>_bias``, ``[experts, out]``) pools with its weight's role, split as its weight is. A fused
-    ``gate_up`` tensor is split only where its layout is confirmed (:func:`_expert_gate_up_layout`); otherwise it
-    is monitored whole as ``<prefix>.gate_up`` and the reason is recorded.
+    ``gate_up`` tensor is split only where its layout is confirmed
+    (:func:`~lightning_heatmaps.layouts.confirm_expert_gate_up`); otherwise it is monitored whole as
+    ``<prefix>.gate_up`` and the reason is noted.
     """
     weights = {a: p for a, p in module.named_parameters(recurse=False) if p.dim() == 3 and a in EXPERT_PARAMETERS}
     biases = {a: a[: -len("_bias")] for a, _ in module.named_parameters(recurse=False)
@@ -704,13 +578,14 @@ def _expert_components(layer: int, full: str, module: nn.Module, prefix: str, co
         if role != "fused:gate_up":
             by_name.setdefault(f"{prefix}.{role}", []).append(ParamRef(name, module, attribute))
             continue
-        layout = _expert_gate_up_layout(module, weights[weight], config)
+        layout = confirm_expert_gate_up(module, weights[weight], config)
         if isinstance(layout, str):
             resolved.notes[f"{full}.{weight}"] = (f"fused gate/up layout not confirmed ({layout}): monitored whole as "
                                                   f"{prefix}.gate_up")
             by_name.setdefault(f"{prefix}.gate_up", []).append(ParamRef(name, module, attribute))
             continue
-        dim, gate, up = layout
+        dim, (names, sizes, groups) = layout
+        gate, up = (FusedPart(sizes, names.index(part), groups) for part in ("gate", "up"))
         dim = dim if attribute == weight else 1  # a bias [experts, out]: its output dimension is 1
         by_name.setdefault(f"{prefix}.gate", []).append(ParamRef(name, module, attribute, dim, gate))
         by_name.setdefault(f"{prefix}.up", []).append(ParamRef(name, module, attribute, dim, up))
@@ -726,7 +601,7 @@ def _gate_up_layout(block: nn.Module, rel: str, config: Any, resolved: _Resolved
     downs = [name for name, _ in parent.named_children() if LEAVES["mlp"].get(name) == "down"]
     if len(downs) != 1:
         return "its MLP has no single down projection to read"
-    key = (type(parent), fused_name, downs[0])
+    key = ("gate_up", type(parent), fused_name, downs[0])
     if key not in resolved.probes:
         resolved.probes[key] = confirm_gate_up(parent, fused_name, downs[0], config)
     return resolved.probes[key]

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from lightning_heatmaps.architectures import QKV, FusedLayout
+from lightning_heatmaps.architectures import QKV, FusedLayout, hidden_size
 
 #: The name under which the probe's attention function is registered in transformers' ``AttentionInterface``
 #: (``ALL_ATTENTION_FUNCTIONS``) while a probe runs.
@@ -426,3 +426,132 @@ def _observe_copy(owner: nn.Module | None, attention: nn.Module, relative: str) 
     if weight_dim is None:
         return None, None, width, f"cannot tell which weight dimension holds its output features: {reason}"
     return layout, weight_dim, width, ""
+
+
+# --- Gate/up: a fused 2-D projection (its MLP's forward) and 3-D experts (their declaration) -------------------
+
+#: Every way a fused gate/up output can be laid out: the part stored first, and whether the parts interleave.
+GATE_UP_CANDIDATES = (("gate", False), ("up", False), ("gate", True), ("up", True))
+
+
+def _gate_up_parts(values: Tensor, first: str, interleaved: bool) -> dict[str, Tensor]:
+    half = values.shape[-1] // 2
+    parts = (values[..., 0::2], values[..., 1::2]) if interleaved else (values[..., :half], values[..., half:])
+    second = "up" if first == "gate" else "gate"
+    return {first: parts[0], second: parts[1]}
+
+
+def _gate_up_layout(first: str, interleaved: bool, width: int) -> FusedLayout:
+    names = (first, "up" if first == "gate" else "gate")
+    return (names, (1, 1), width // 2) if interleaved else (names, (width // 2, width // 2), 1)
+
+
+def confirm_gate_up(mlp: nn.Module, fused_name: str, down_name: str, config: Any) -> FusedLayout | str:
+    """The layout of a fused 2-D ``gate_up`` projection, confirmed by its MLP's own forward, or why it is not.
+
+    A fresh, uninitialised instance of the MLP's class is built from ``config`` on CPU (the model's own
+    parameters are never read, so sharded or accelerator parameters change nothing). One token runs through
+    it with the fused projection's output replaced by fixed values ``v``; what reaches the down projection is
+    compared with ``act(gate) * up`` (``act``: the config's ``hidden_act``) for every way ``v`` can split into
+    gate and up (:data:`GATE_UP_CANDIDATES`: concatenated or interleaved, gate or up first). Exactly one
+    must match. The forward stops at the down projection's input and draws no random numbers.
+
+    Example:
+        >>> from transformers import Phi3Config
+        >>> from transformers.models.phi3.modeling_phi3 import Phi3MLP
+        >>> config = Phi3Config(hidden_size=8, intermediate_size=12)
+        >>> confirm_gate_up(Phi3MLP(config), "gate_up_proj", "down_proj", config)
+        (('gate', 'up'), (12, 12), 1)
+    """
+    act_name = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
+    if not isinstance(act_name, str):
+        return "no config names the activation"
+    try:
+        from transformers.activations import ACT2FN
+
+        act = ACT2FN[act_name]
+    except (ImportError, KeyError):
+        return f"unknown activation {act_name!r}"
+    seen: list[Tensor] = []
+
+    def capture(module: nn.Module, args: tuple) -> None:
+        seen.append(args[0].detach().double())
+        raise _Seen
+
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            probe = _original_class(mlp)(config)
+        probe = probe.float().to_empty(device="cpu").eval()
+        fused = probe.get_submodule(fused_name)
+        width, in_width = fused.weight.shape
+        if width % 2:
+            return f"an odd fused size {width}"
+        values = torch.linspace(-2.0, 2.0, width, dtype=torch.float32)[torch.randperm(
+            width, generator=torch.Generator().manual_seed(0))]
+        handles = [fused.register_forward_hook(lambda m, a, output: values.expand(output.shape).clone()),
+                   probe.get_submodule(down_name).register_forward_pre_hook(capture)]
+        try:
+            with torch.no_grad():
+                probe(torch.zeros(1, 1, in_width))
+        except _Seen:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+    except Exception as error:  # noqa: BLE001 - never break a run: the tensor is monitored whole
+        return f"its MLP could not be probed ({type(error).__name__}: {error})"[:300]
+    if not seen:
+        return "its MLP's forward never reached the down projection"
+    received = seen[0].flatten()
+    matches = []
+    for first, interleaved in GATE_UP_CANDIDATES:
+        parts = _gate_up_parts(values, first, interleaved)
+        expected = (act(parts["gate"]) * parts["up"]).double()
+        if received.shape == expected.shape and torch.allclose(received, expected, rtol=1e-4, atol=1e-6):
+            matches.append(_gate_up_layout(first, interleaved, width))
+    if len(matches) != 1:
+        return f"its MLP's forward matches {len(matches)} of the {len(GATE_UP_CANDIDATES)} gate/up layouts"
+    return matches[0]
+
+
+def confirm_expert_gate_up(module: nn.Module, param: Tensor, config: Any) -> tuple[int, FusedLayout] | str:
+    """``(output dim, layout)`` of a 3-D fused ``gate_up`` expert tensor, or why it is not confirmed.
+
+    The storage order (``[experts, out, in]`` or ``[experts, in, out]``) is read from the shape against the
+    config's hidden size, which decides it whenever the two inner sizes differ; where they are equal, the
+    module's own declaration decides. Whether gate and up are concatenated (``[gate | up]``) or interleaved
+    (``gate_0 up_0 gate_1 up_1 ...``) only the module can say: transformers' experts modules declare both
+    (``is_transposed``, ``is_concatenated``), and its own expert kernels compute from that declaration.
+
+    Example:
+        >>> experts = nn.Module()
+        >>> experts.is_concatenated, experts.is_transposed = False, True
+        >>> class Config:
+        ...     hidden_size = 8
+        >>> confirm_expert_gate_up(experts, torch.zeros(4, 8, 6), Config())
+        (2, (('gate', 'up'), (1, 1), 3))
+        >>> confirm_expert_gate_up(nn.Module(), torch.zeros(4, 6, 8), Config())
+        'the module does not declare whether gate and up are concatenated or interleaved'
+    """
+    declared_transposed = getattr(module, "is_transposed", None)
+    concatenated = getattr(module, "is_concatenated", None)
+    if not isinstance(concatenated, bool):
+        return "the module does not declare whether gate and up are concatenated or interleaved"
+    try:
+        hidden = hidden_size(config) if config is not None else None
+    except ValueError:
+        hidden = None
+    first, second = param.shape[1], param.shape[2]
+    if hidden is not None and (first == hidden) != (second == hidden):
+        transposed = first == hidden  # [experts, hidden (in), 2 x intermediate (out)]
+        if isinstance(declared_transposed, bool) and declared_transposed != transposed:
+            return f"its shape {tuple(param.shape)} contradicts its declared is_transposed={declared_transposed}"
+    elif isinstance(declared_transposed, bool):
+        transposed = declared_transposed
+    else:
+        return f"its shape {tuple(param.shape)} does not decide which dimension is the output"
+    dim = 2 if transposed else 1
+    size = param.shape[dim]
+    if size % 2:
+        return f"an odd fused size {size}"
+    return dim, _gate_up_layout("gate", not concatenated, size)

@@ -527,7 +527,7 @@ class UndeclaredExperts(nn.Module):
 class PlainGatedMLP(nn.Module):
     """A fused gate/up the forward does not use as act(gate) * up: no candidate layout matches."""
 
-    def __init__(self, width=16, hidden=8):
+    def __init__(self, config=None, width=16, hidden=8):  # built from the config, as Hugging Face MLPs are
         super().__init__()
         self.gate_up_proj = nn.Linear(width, 2 * hidden, bias=False)
         self.down_proj = nn.Linear(hidden, width, bias=False)

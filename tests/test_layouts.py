@@ -162,8 +162,8 @@ def _hooks(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bloom", "plain"])
-def test_the_probe_leaves_the_model_as_it_was(family):
+@pytest.mark.parametrize("family", ["gpt2", "bloom", "plain", "phi3", "gpt_oss"])
+def test_the_probe_leaves_the_model_as_it_was(family):  # phi3: its gate/up MLP is probed too
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     torch.manual_seed(0)
@@ -178,6 +178,8 @@ def test_the_probe_leaves_the_model_as_it_was(family):
     layer_map = resolve_layers(model)
 
     assert {"attn.q", "attn.k", "attn.v"} <= set(layer_map.component_names)  # the probe did run and confirm
+    if family in ("phi3", "gpt_oss"):
+        assert {"gate", "up"} <= {name.rsplit(".", 1)[-1] for name in layer_map.component_names}
     assert torch.equal(torch.get_rng_state(), rng)
     assert list(ALL_ATTENTION_FUNCTIONS) == registry and PROBE_ATTENTION not in ALL_ATTENTION_FUNCTIONS
     assert _hooks(model) == 0
