@@ -14,6 +14,14 @@ step, so that one variant's allocations cannot hide in another's high-water mark
 Figures are the peak above the no-callback run's, in MB and as a fraction of the bytes of the
 parameters the gradient callback monitors (the decoder layers' projections; embeddings and norms are
 not components).
+
+A peak of the whole fit shows a callback's memory only where it adds to the baseline's own peak (which
+is in backward, when activations are alive): a copy that lives only after the optimizer step can hide
+under it. So the callback's work after the step, where ``update_ratio`` and ``weight_drift`` compare the
+weights with their references, is also measured alone: the peak that torch allocates during the
+callback's ``on_train_batch_end`` (a window opened by a callback just before it and closed just after),
+with torch's profiler (``profile_memory``) on the CPU, with ``max_memory_allocated`` on CUDA. On the CPU
+every copy is in RAM wherever it is kept; under CUDA this window is the accelerator-side cost.
 """
 
 from __future__ import annotations
@@ -69,7 +77,9 @@ def child(variant: str, size: dict) -> dict:
     import lightning as L
     import torch
     import transformers
+    from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.profiler import ProfilerActivity, profile
 
     from lightning_heatmaps import ActivationHeatmap, GradientHeatmap
 
@@ -94,12 +104,43 @@ def child(variant: str, size: dict) -> dict:
     data = torch.randint(0, size["vocab"], (size["batch"] * size["steps"], size["length"]),
                          generator=torch.Generator().manual_seed(0))
     loader = torch.utils.data.DataLoader(data, batch_size=size["batch"])
+    cuda = torch.cuda.is_available()
+    window = {"peaks": [], "cuda_max": 0}
+
+    class Window(Callback):
+        """Opens (``start``) or closes (``stop``) the measurement around the callbacks listed between them."""
+
+        def __init__(self, role: str) -> None:
+            self.role = role
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if cuda:
+                torch.cuda.synchronize()
+                window["cuda_max"] = max(window["cuda_max"], torch.cuda.max_memory_allocated())
+                if self.role == "start":
+                    window["start"] = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                else:
+                    window["peaks"].append(torch.cuda.max_memory_allocated() - window["start"])
+                return
+            if self.role == "start":
+                window["profiler"] = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+                window["profiler"].start()
+                return
+            profiler = window.pop("profiler")
+            profiler.stop()
+            running, peak = 0, 0
+            for event in sorted(profiler.events(), key=lambda event: event.time_range.start):
+                running += event.self_cpu_memory_usage
+                peak = max(peak, running)
+            window["peaks"].append(peak)
+
     spec = VARIANTS[variant]
     callbacks = []
     if spec is not None:
         kind, metrics = spec
         cls = GradientHeatmap if kind == "gradient" else ActivationHeatmap
-        callbacks.append(cls(metrics=metrics, every_n_steps=1))
+        callbacks += [Window("start"), cls(metrics=metrics, every_n_steps=1), Window("stop")]
     root = tempfile.mkdtemp()
     trainer = L.Trainer(
         max_steps=size["steps"], accelerator="auto", devices=1, logger=TensorBoardLogger(root), callbacks=callbacks,
@@ -108,7 +149,6 @@ def child(variant: str, size: dict) -> dict:
     )
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     monitored_bytes = sum(p.numel() * p.element_size() for p in model.model.model.layers.parameters() if p.dim() > 1)
-    cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     reset = _reset_peak_rss()
@@ -117,9 +157,11 @@ def child(variant: str, size: dict) -> dict:
         "variant": variant, "peak_rss_mb": _peak_rss_mb(reset), "rss_window": "fit" if reset else "process",
         "parameter_bytes": parameter_bytes, "monitored_bytes": monitored_bytes,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "after_step_mb": max(window["peaks"], default=0) / 2**20,
+        "largest_monitored_bytes": max(p.numel() * p.element_size() for p in model.model.model.layers.parameters()),
     }
     if cuda:
-        result["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["cuda_max_allocated_mb"] = max(window["cuda_max"], torch.cuda.max_memory_allocated()) / 2**20
         result["device"] = torch.cuda.get_device_name()
     return result
 
@@ -153,10 +195,12 @@ def main() -> None:
     base = results[0]
     cuda = "cuda_max_allocated_mb" in base
     print(f"parameters: {base['parameters'] / 1e6:.1f} M ({base['parameter_bytes'] / 2**20:.0f} MB); monitored by "
-          f"GradientHeatmap: {base['monitored_bytes'] / 2**20:.0f} MB; peak RSS window: {base['rss_window']}"
+          f"GradientHeatmap: {base['monitored_bytes'] / 2**20:.0f} MB, the largest of them "
+          f"{base['largest_monitored_bytes'] / 2**20:.1f} MB; peak RSS window: {base['rss_window']}"
           + (f"; device: {base['device']}" if cuda else "; no CUDA: accelerator column absent"))
-    header = "| variant | peak RSS (MB) | RSS above no callback (MB) | / monitored parameter bytes |"
-    rule = "|---|---|---|---|"
+    header = ("| variant | peak RSS (MB) | RSS above no callback (MB) | / monitored parameter bytes | "
+              f"allocated by the callback after the step ({'CUDA' if cuda else 'CPU'}, MB) |")
+    rule = "|---|---|---|---|---|"
     if cuda:
         header += " CUDA max allocated (MB) | CUDA above no callback (MB) | / monitored parameter bytes |"
         rule += "---|---|---|"
@@ -165,7 +209,9 @@ def main() -> None:
     monitored_mb = base["monitored_bytes"] / 2**20
     for result in results:
         extra = result["peak_rss_mb"] - base["peak_rss_mb"]
-        row = f"| {result['variant']} | {result['peak_rss_mb']:.0f} | {extra:+.0f} | {extra / monitored_mb:+.2f} |"
+        after_step = f"{result['after_step_mb']:.1f}" if result["variant"] != "no callback" else "-"
+        row = (f"| {result['variant']} | {result['peak_rss_mb']:.0f} | {extra:+.0f} | {extra / monitored_mb:+.2f} | "
+               f"{after_step} |")
         if cuda:
             extra_cuda = result["cuda_max_allocated_mb"] - base["cuda_max_allocated_mb"]
             row += f" {result['cuda_max_allocated_mb']:.0f} | {extra_cuda:+.0f} | {extra_cuda / monitored_mb:+.2f} |"
