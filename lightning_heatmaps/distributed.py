@@ -344,7 +344,8 @@ class SlotSquares:
 
     def sums(self, per_param: Sequence[Tensor]) -> Tensor:
         """Per-slot sums of squares of this rank's share of each ref's slice of the per-parameter tensors."""
-        return self._pool(squared_norms([piece.take(per_param[index]) for piece, index in zip(self._slices, self._ref_param)]))
+        pieces = [piece.take(per_param[index]) for piece, index in zip(self._slices, self._ref_param)]
+        return self._pool(squared_norms(pieces))
 
     def streamed_sums(self, tensor_of: Callable[[int], Tensor]) -> Tensor:
         """As :meth:`sums`, for tensors made one parameter at a time: ``tensor_of(index)`` gives the tensor of the

@@ -155,7 +155,8 @@ class GradientHeatmap(HeatmapCallback):
         # one parameter's difference at a time, never a copy of the model.
         if self._before is not None:
             before, self._before = self._before, None
-            self._rows["update_sumsq"] = squares.streamed_sums(lambda index: before.change(index, weights[index], release=True))
+            self._rows["update_sumsq"] = squares.streamed_sums(
+                lambda index: before.change(index, weights[index], release=True))
         if self._initial is not None:
             initial = self._initial
             self._rows["drift_sumsq"] = squares.streamed_sums(lambda index: initial.change(index, weights[index]))
