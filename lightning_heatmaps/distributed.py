@@ -19,7 +19,7 @@ The callbacks ask three questions, all answered here:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -456,6 +456,8 @@ class SlotSquares:
         # Several refs can slice one parameter (fused q/k/v, experts): each parameter is read once.
         self._ref_param = [keys.setdefault((id(ref.module), ref.attribute), len(keys)) for ref in refs]
         self._param_refs = list({index: ref for ref, index in zip(refs, self._ref_param)}.values())
+        self._param_positions = [[k for k, index in enumerate(self._ref_param) if index == param]
+                                 for param in range(len(self._param_refs))]
         self.sharded = is_sharded_model(refs)
         self._slices = plan_slices(refs, distributed_world()) if self.sharded else [
             LocalSlice("view", ref, weight=replicated_weight) for ref in refs]
@@ -479,7 +481,35 @@ class SlotSquares:
 
     def sums(self, per_param: Sequence[Tensor]) -> Tensor:
         """Per-slot sums of squares of this rank's share of each ref's slice of the per-parameter tensors."""
-        per_ref = squared_norms([piece.take(per_param[index]) for piece, index in zip(self._slices, self._ref_param)])
+        pieces = [piece.take(per_param[index]) for piece, index in zip(self._slices, self._ref_param)]
+        return self._pool(squared_norms(pieces))
+
+    def streamed_sums(self, tensor_of: Callable[[int], Tensor]) -> Tensor:
+        """As :meth:`sums`, for tensors made one parameter at a time: ``tensor_of(index)`` gives the tensor of the
+        ``index``-th of :meth:`params`, which is read and dropped before the next one is made.
+
+        For tensors that would cost memory to hold all at once (the change of every weight since a snapshot):
+        besides one tensor of one parameter (and a slice of it copied where a sharded fused projection is not
+        contiguous), only one 0-d norm per ref is kept. The result equals :meth:`sums` of the same tensors bit
+        for bit: the same norms, pooled by the same operations in the same order.
+
+        Example:
+            >>> from lightning_heatmaps.layers import ParamRef
+            >>> layer = nn.Linear(2, 2)
+            >>> squares = SlotSquares([ParamRef("w", layer, "weight"), ParamRef("b", layer, "bias")], [0, 0], 1)
+            >>> squares.streamed_sums(lambda index: torch.ones_like(squares.params()[index])).tolist()
+            [6.0]
+        """
+        norms: list[Tensor | None] = [None] * len(self._slices)
+        for index, positions in enumerate(self._param_positions):
+            tensor = tensor_of(index)
+            values = squared_norms([self._slices[position].take(tensor) for position in positions])
+            del tensor  # gone before the next parameter's tensor is made
+            for position, value in zip(positions, values):
+                norms[position] = value
+        return self._pool(torch.stack(norms))
+
+    def _pool(self, per_ref: Tensor) -> Tensor:
         if self._ref_weight is not None:
             per_ref = per_ref * self._ref_weight
         totals = torch.zeros(self.slot_count, dtype=per_ref.dtype, device=per_ref.device)

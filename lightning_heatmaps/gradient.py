@@ -15,6 +15,7 @@ from lightning_heatmaps.base import HeatmapCallback
 from lightning_heatmaps.distributed import SlotSquares, global_shape, is_sharded_model, sum_over_ranks
 from lightning_heatmaps.layers import LayerMap, ModuleSelection
 from lightning_heatmaps.reductions import GRADIENT_METRICS
+from lightning_heatmaps.snapshot import HostSnapshot
 
 
 class GradientHeatmap(HeatmapCallback):
@@ -31,9 +32,12 @@ class GradientHeatmap(HeatmapCallback):
     Args:
         metrics: one or more of ``grad_norm`` (default; L2 over weight and bias), ``grad_rms``,
             ``grad_to_weight`` (``|g| / |w|``), ``update_ratio`` (``|W_after - W_before| / |W_before|``
-            of the sampled optimizer step; copies the monitored weights on sampled steps) and
+            of the sampled optimizer step; copies the monitored weights to host memory on sampled steps) and
             ``weight_drift`` (``|W - W0| / |W0|`` against the weights when this ``fit`` started; keeps
-            a copy of the monitored weights for the whole run).
+            a host copy of the monitored weights for the whole run). The copies live in host memory (pinned
+            under CUDA) and are compared one parameter at a time, so the accelerator holds at most one
+            parameter's difference extra (see the README's Memory table); under sharding each rank keeps
+            its own shards only.
         every_n_steps, capacity, history, render_every_n_samples, min_render_interval_seconds, modules,
         first_layer_index, cmap, color_limits, per_component_images, name: as in
             :class:`~lightning_heatmaps.ActivationHeatmap`.
@@ -70,8 +74,8 @@ class GradientHeatmap(HeatmapCallback):
         )
         self._squares: SlotSquares | None = None
         self._rows: dict[str, Tensor] = {}
-        self._before: list[Tensor] | None = None
-        self._initial: list[Tensor] | None = None
+        self._before: HostSnapshot | None = None
+        self._initial: HostSnapshot | None = None
         self._initial_sumsq: Tensor | None = None
         self._read = False
         self.frozen: list[str] = []
@@ -108,8 +112,9 @@ class GradientHeatmap(HeatmapCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After any checkpoint restore: the reference weights of weight_drift are those this fit starts from.
         if self._active and self._squares is not None and "drift_sumsq" in self._statistics:
-            self._initial = [weight.clone() for weight in self._squares.local(lambda param: param.detach())]
-            self._initial_sumsq = self._squares.sums(self._initial)
+            weights = self._squares.local(lambda param: param.detach())
+            self._initial_sumsq = self._squares.sums(weights)
+            self._initial = HostSnapshot(weights)
 
     @override
     def _detach(self) -> None:
@@ -137,7 +142,7 @@ class GradientHeatmap(HeatmapCallback):
         if "weight_sumsq" in self._statistics:
             self._rows["weight_sumsq"] = squares.sums(weights)
         if "update_sumsq" in self._statistics:
-            self._before = torch._foreach_mul(weights, 1.0)  # copies of the local shards, one grouped op
+            self._before = HostSnapshot(weights)  # host copies of the local shards, see snapshot.py
 
     @override
     def _collect(self, trainer: pl.Trainer) -> tuple[Tensor, np.ndarray] | None:
@@ -146,11 +151,15 @@ class GradientHeatmap(HeatmapCallback):
         squares = self._squares
         assert squares is not None
         weights = squares.local(lambda param: param.detach())
+        # W - W_ref one parameter at a time, each reference streamed back from the host: the device holds
+        # one parameter's difference at a time, never a copy of the model.
         if self._before is not None:
-            self._rows["update_sumsq"] = squares.sums(torch._foreach_sub(weights, self._before))
-            self._before = None
+            before, self._before = self._before, None
+            self._rows["update_sumsq"] = squares.streamed_sums(
+                lambda index: before.change(index, weights[index], release=True))
         if self._initial is not None:
-            self._rows["drift_sumsq"] = squares.sums(torch._foreach_sub(weights, self._initial))
+            initial = self._initial
+            self._rows["drift_sumsq"] = squares.streamed_sums(lambda index: initial.change(index, weights[index]))
             self._rows["initial_sumsq"] = self._initial_sumsq
         rows, self._rows = self._rows, {}
         statistics = torch.stack([rows[name] for name in self._statistics])
