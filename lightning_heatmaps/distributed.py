@@ -18,6 +18,7 @@ The callbacks ask three questions, all answered here:
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,15 +32,19 @@ from lightning_heatmaps.layers import ParamRef
 from lightning_heatmaps.reductions import squared_norms
 
 
-def _dtensor_class() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch < 2.4
+def _first_class(*places: str) -> type | None:
+    """The class at the first importable ``module:Name`` of ``places`` (torch moved several), else None."""
+    for place in places:
+        module, name = place.split(":")
         try:
-            from torch.distributed._tensor import DTensor
-        except ImportError:
-            return None
-    return DTensor
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+def _dtensor_class() -> type | None:
+    return _first_class("torch.distributed.tensor:DTensor", "torch.distributed._tensor:DTensor")  # torch < 2.4
 
 
 def is_dtensor(tensor: Any) -> bool:
@@ -159,14 +164,8 @@ def check_lens_strategy(trainer: Any, owner: str) -> None:
 
 
 def _fsdp2_module_class() -> type | None:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch < 2.6
-        try:
-            from torch.distributed._composable.fsdp import FSDPModule
-        except ImportError:
-            return None
-    return FSDPModule
+    return _first_class("torch.distributed.fsdp:FSDPModule",
+                        "torch.distributed._composable.fsdp:FSDPModule")  # torch < 2.6
 
 
 def _fsdp2_units(model: nn.Module) -> dict[nn.Module, nn.Module | None]:

@@ -462,20 +462,15 @@ def _role(segments: list[str], prefix: str) -> str | None:
     return role
 
 
-def _fused_layout(kind: str, module: nn.Module, param: Tensor, config: Any, weight_dim: int) -> FusedLayout | None:
-    size = param.shape[weight_dim]
+def _qkv_candidate(param: Tensor, config: Any, weight_dim: int) -> FusedLayout | None:
+    """The vocabulary's q/k/v layout for ``config`` (confirmed or refuted by ``confirm_fused_qkv``), if it fits."""
+    rule = FUSED_QKV_LAYOUTS.get(getattr(config, "model_type", None) or "", FUSED_QKV_LAYOUTS["default"])
     try:
-        model_type = getattr(config, "model_type", None) if config is not None else None
-        rule = FUSED_QKV_LAYOUTS.get(model_type or "", FUSED_QKV_LAYOUTS["default"])
-        if config is None:  # no config: equal thirds
-            layout = QKV, (size // 3,) * 3, 1
-        else:
-            # the vocabulary's candidate for the config, confirmed or refuted by `confirm_fused_qkv`
-            layout = rule(config)
+        layout = rule(config)
     except (ValueError, TypeError, ZeroDivisionError):
         return None
     names, sizes, groups = layout
-    return layout if sum(sizes) * groups == size else None
+    return layout if sum(sizes) * groups == param.shape[weight_dim] else None
 
 
 @dataclass
@@ -513,7 +508,7 @@ def _confirmed_qkv_layout(full: str, module: nn.Module, weight: Tensor, config: 
     The vocabulary's layout for the config is only a candidate: :func:`~lightning_heatmaps.layouts.confirm_fused_qkv`
     runs a copy of the attention on markers; a layout it does not confirm is noted in ``resolved``.
     """
-    candidate = _fused_layout("qkv", module, weight, config, weight_dim) if config is not None else None
+    candidate = _qkv_candidate(weight, config, weight_dim) if config is not None else None
     model = resolved.model
     if model is not None and not resolved.parents:
         resolved.parents = {id(child): parent for parent in model.modules() for child in parent.children()}
