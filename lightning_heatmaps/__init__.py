@@ -1,6 +1,7 @@
 """Lightning callbacks that show, live in TensorBoard, what every layer of a transformer is doing."""
 
 from lightning_heatmaps.activation import ActivationHeatmap
+from lightning_heatmaps.base import Sample
 from lightning_heatmaps.expert import ExpertHeatmap
 from lightning_heatmaps.gradient import GradientHeatmap
 from lightning_heatmaps.intervention import InterventionHeatmap
@@ -9,6 +10,8 @@ from lightning_heatmaps.logit_lens import LogitLensHeatmap
 from lightning_heatmaps.probe import ProbeHeatmap
 from lightning_heatmaps.reductions import ACTIVATION_METRICS, EXPERT_METRICS, GRADIENT_METRICS
 from lightning_heatmaps.render import heatmap_figure
+from lightning_heatmaps.spike_alert import SpikeAlert
+from lightning_heatmaps.spikes import RobustBaseline, SpikeMonitor
 from lightning_heatmaps.ring_buffer import RingBuffer
 
 __all__ = [
@@ -24,6 +27,10 @@ __all__ = [
     "LogitLensHeatmap",
     "ProbeHeatmap",
     "RingBuffer",
+    "RobustBaseline",
+    "Sample",
+    "SpikeAlert",
+    "SpikeMonitor",
     "heatmap_figure",
     "resolve_layers",
 ]

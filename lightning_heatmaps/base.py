@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -37,6 +37,48 @@ def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) ->
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"Invalid value for {name}={value!r}: must be an integer >= {minimum}.")
+
+
+# --- public sample observation (issue 18; the core of issue 16 takes these over as they are) ----------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample of a heatmap callback, as its listeners see it (see :meth:`HeatmapCallback.add_sample_listener`).
+
+    Attributes:
+        step: the optimizer step the sample was taken at (``trainer.global_step`` when it started).
+        callback: the callback's class name (``ActivationHeatmap``, ``GradientHeatmap``, ...).
+        name: the instance's ``name`` (``None`` when unnamed).
+        metrics: full metric name (``activation_rms``, ``<name>/grad_norm``) -> ``[layers, columns + 1]``
+            float64 table; the last column pools each layer (``all``). NaN where a cell has no value.
+        layer_labels: one label per row.
+        column_labels: one label per column, the pooled ``all`` last.
+        column_axis: what a column is: ``component``, ``expert`` or ``head``.
+        missing: ``[layers, columns]`` bool (pooled column excluded): cells not monitored (no such component,
+            frozen, not observable). Their values are NaN and mean nothing.
+        nonfinite: ``[layers, columns]`` bool: cells that ran but whose value is NaN or infinite.
+
+    Example:
+        >>> sample = Sample(step=0, callback="ActivationHeatmap", name=None, metrics={"activation_rms": np.ones((1, 2))},
+        ...                 layer_labels=["0"], column_labels=["mlp", "all"], column_axis="component",
+        ...                 missing=np.zeros((1, 1), bool), nonfinite=np.zeros((1, 1), bool))
+        >>> sample.metrics["activation_rms"][0, -1]
+        1.0
+    """
+
+    step: int
+    callback: str
+    name: str | None
+    metrics: dict[str, np.ndarray]
+    layer_labels: tuple[str, ...]
+    column_labels: tuple[str, ...]
+    column_axis: str
+    missing: np.ndarray
+    nonfinite: np.ndarray
+
+
+SampleListener = Callable[[Sample], None]
 
 
 @dataclass
@@ -143,6 +185,9 @@ class HeatmapCallback(Callback):
         self._warned_nonfinite: set[str] = set()
         self._active = False
         self._collecting = False  # inside a sampled micro-batch's forward, before its backward
+        self._listeners: list[SampleListener] = []
+        self._dense_request = 0  # steps of dense capture asked for, starting at the next optimizer step
+        self._dense_until = -1  # steps < this are sampled whatever every_n_steps says
         #: Samples recorded, and CPU seconds the background writer spent on them (scalars, images, files).
         self.samples_recorded = 0
         self.background_cpu_seconds = 0.0
@@ -165,12 +210,72 @@ class HeatmapCallback(Callback):
         """Full metric names, as used in tags (``activation_rms``, ``grad_norm``, ...)."""
         return [definition.name for definition in self._definitions]
 
+    # --- public sample observation (issue 18) ------------------------------------------------------
+
+    def add_sample_listener(self, listener: SampleListener) -> None:
+        """Call ``listener(sample)`` with every :class:`Sample`, on the training thread, at the step it was taken.
+
+        Register before ``fit`` starts (e.g. in a callback's ``setup``). With a listener, samples are
+        delivered in the ``on_train_batch_end`` of the sampled step: on CUDA this waits for the sample's
+        device-to-host copy (a host sync on sampled steps only; without listeners it is polled). Under DDP
+        and FSDP2 the listener is called on every rank with the same, global values: activation statistics
+        are pooled over ranks by the sample's collective, DDP gradients (replicated) are read on every rank
+        (without a listener only rank zero reads them), sharded gradients are summed over ranks.
+
+        Example:
+            >>> callback = ActivationHeatmap()  # doctest: +SKIP
+            >>> callback.add_sample_listener(lambda sample: print(sample.step))  # doctest: +SKIP
+        """
+        if not callable(listener):
+            raise TypeError(f"Invalid value for listener={listener!r}: must be callable with one Sample.")
+        self._listeners.append(listener)
+
+    def remove_sample_listener(self, listener: SampleListener) -> None:
+        """Stop calling ``listener`` (no error if it was not registered)."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def history(self, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of ``(steps, values)`` of ``metric`` (a full name of :attr:`metric_names`), oldest first.
+
+        ``values`` is ``[samples, layers, columns + 1]`` (the ring buffer's content, see ``capacity`` and
+        ``history``). Empty before the first sample. Filled on rank zero, and on every rank with listeners.
+        """
+        if metric not in self.metric_names:
+            raise ValueError(f"Invalid value for metric={metric!r}: must be one of {self.metric_names}.")
+        buffer = self._buffers.get(metric)
+        if buffer is None:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 0, 0))
+        return buffer.ordered()
+
+    def sample_every_step(self, for_steps: int) -> None:
+        """Sample every optimizer step for the next ``for_steps`` steps, then return to ``every_n_steps``.
+
+        The steps counted start at the next optimizer step. A request that ends earlier than one under way
+        does not shorten it. Under DDP/FSDP2 every rank must call this identically, at the same step (samples
+        run collectives).
+        """
+        _check_int("for_steps", for_steps, 1)
+        self._dense_request = max(self._dense_request, for_steps)
+
+    def samples_step(self, step: int) -> bool:
+        """Whether the optimizer step ``step`` is (or would be) sampled by the schedule, dense capture included."""
+        every = self.every_n_steps or 1
+        return step % every == 0 or step < self._dense_until
+
+    def _deliver(self, sample: Sample) -> None:
+        for listener in list(self._listeners):
+            listener(sample)
+
+    # --- end of public sample observation -----------------------------------------------------------
+
     @override
     def state_dict(self) -> dict[str, Any]:
         self._drain(block=True)
         return {
             "buffers": {name: buffer.state_dict() for name, buffer in self._buffers.items()},
             "last_sampled_step": self._last_sampled_step,
+            "dense_until": self._dense_until,
         }
 
     @override
@@ -191,6 +296,7 @@ class HeatmapCallback(Callback):
             except ValueError as error:
                 rank_zero_warn(f"{type(self).__name__}: not restoring the {name} history: {error}")
         self._last_sampled_step = state.get("last_sampled_step")
+        self._dense_until = int(state.get("dense_until", -1))
 
     # --- setup and teardown ------------------------------------------------------------------
 
@@ -267,7 +373,10 @@ class HeatmapCallback(Callback):
         step = trainer.global_step
         if self._sample_step is not None and step != self._sample_step:
             self._finish_sample(trainer)
-        if self._sample_step is None and step % self.every_n_steps == 0 and step != self._last_sampled_step:
+        if self._dense_request and step != self._last_sampled_step:
+            # Dense capture asked for during the previous step (e.g. by SpikeAlert): this step and the next ones.
+            self._dense_until, self._dense_request = max(self._dense_until, step + self._dense_request), 0
+        if self._sample_step is None and self.samples_step(step) and step != self._last_sampled_step:
             self._sample_step = step
             self._begin_sample(trainer)
         if self._sample_step is not None:
@@ -355,11 +464,13 @@ class HeatmapCallback(Callback):
         step, self._sample_step = self._sample_step, None
         self._last_sampled_step = step
         collected = self._collect(trainer)
-        if collected is None or not trainer.is_global_zero:
+        # Rank zero records; with listeners every rank does (the values are global there, see add_sample_listener).
+        if collected is None or not (trainer.is_global_zero or self._listeners):
             return
         statistics, counts = collected
         if statistics.device.type == "cpu":
             self._pending.append(_PendingSample(step, statistics, counts, None))
+            self._drain(block=False)
             return
         cuda = statistics.device.type == "cuda"
         host = torch.empty(statistics.shape, dtype=statistics.dtype, pin_memory=cuda)
@@ -371,6 +482,8 @@ class HeatmapCallback(Callback):
             event = torch.cuda.Event()
             event.record()
         self._pending.append(_PendingSample(step, host, counts, event))
+        if self._listeners:
+            self._drain(block=True)  # a listener sees the sample on the step it was taken: sampled steps only
 
     def _drain(self, block: bool) -> None:
         while self._pending:
@@ -394,6 +507,7 @@ class HeatmapCallback(Callback):
         components = [*layer_map.component_names, ALL_COMPONENTS]
         ran = np.zeros(self._missing.shape, dtype=bool)
         ran[self._slot_layer[counts > 0], self._slot_component[counts > 0]] = True
+        tables: dict[str, np.ndarray] = {}
         for definition in self._definitions:
             table = metric_table(
                 definition, statistics, self._slot_layer, self._slot_component,
@@ -404,6 +518,7 @@ class HeatmapCallback(Callback):
                 tag, content = self._matrix_contents[definition.name]
                 matrices[tag] = (table, content)
             self._check_finite(definition.name, sample.step, table, ran)
+            tables[definition.name] = table
             for layer, tag in enumerate(self._layer_tags):
                 for column, component in enumerate(components):
                     if column == len(components) - 1 or not self._missing[layer, column]:
@@ -411,6 +526,15 @@ class HeatmapCallback(Callback):
         if self._outputs is not None:
             self._outputs.log_scalars(scalars, sample.step)  # on the training thread, see RunOutputs
             self._outputs.log_matrices(matrices, sample.step)  # the dashboard's, at every sample
+        if self._listeners:
+            nonfinite = np.zeros(self._missing.shape, dtype=bool)
+            for table in tables.values():
+                nonfinite |= ran & ~np.isfinite(table[:, :-1])
+            self._deliver(Sample(
+                step=sample.step, callback=type(self).__name__, name=self.name, metrics=tables,
+                layer_labels=tuple(layer_map.layer_labels), column_labels=tuple(components),
+                column_axis=self.COLUMN_AXIS, missing=self._missing.copy(), nonfinite=nonfinite,
+            ))
         self.samples_recorded += 1
         self._samples_since_render += 1
         self._submit_render(force=False)

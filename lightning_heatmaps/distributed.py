@@ -537,3 +537,27 @@ def pool_over_ranks(rows: Tensor, max_rows: Sequence[int]) -> Tensor:
     if max_rows:
         pooled[list(max_rows)] = gathered[:, list(max_rows)].amax(dim=0)
     return pooled
+
+
+def mean_over_ranks(values: Tensor) -> Tensor:
+    """The mean of ``values`` over ranks, with one all-reduce (every rank must call it; a copy is reduced).
+
+    A NaN or infinity on any rank makes the result non-finite on every rank, so a decision taken from it
+    (e.g. :class:`~lightning_heatmaps.SpikeAlert`'s on a NaN loss) is the same everywhere.
+    """
+    total = values.detach().clone()
+    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+    return total / torch.distributed.get_world_size()
+
+
+def local_grad_sumsq(parameters: Sequence[Tensor]) -> tuple[Tensor | None, bool]:
+    """The sum of squares of this rank's part of the parameters' gradients, and whether they are sharded.
+
+    Sharded (DTensor) gradients are summed over ranks to give the whole model's; replicated ones (one
+    process, DDP) are the same on every rank. ``None`` when no parameter has a gradient.
+    """
+    grads = [local_tensor(p.grad).detach() for p in parameters if p.grad is not None]
+    if not grads:
+        return None, False
+    sharded = any(is_dtensor(p.grad) for p in parameters if p.grad is not None)
+    return torch.stack([g.float().square().sum() for g in grads]).sum(), sharded

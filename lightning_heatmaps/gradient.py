@@ -98,8 +98,9 @@ class GradientHeatmap(HeatmapCallback):
             self._counts[slot] += ref.numel_of(global_shape(ref.param))
         # Sharded (FSDP2 / FSDP1): every rank reduces its own shard and one all-reduce adds them up.
         # Replicated (one process, DDP): gradients are the same everywhere, so rank zero reads alone
-        # (no index and no copy of the initial weights elsewhere).
-        reads = bool(refs) and (trainer.is_global_zero or is_sharded_model(refs))
+        # (no index and no copy of the initial weights elsewhere), unless sample listeners (SpikeAlert)
+        # need the same values on every rank: then every rank reads its identical replica, with no collective.
+        reads = bool(refs) and (trainer.is_global_zero or is_sharded_model(refs) or bool(self._listeners))
         self._squares = SlotSquares(refs, slots, len(layer_map.components)) if reads else None
 
     @override

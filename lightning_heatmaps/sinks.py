@@ -64,6 +64,9 @@ class Sink:
     def add_chart_layout(self, categories: Mapping[str, Mapping[str, list[str]]]) -> None:
         """Declare charts grouping scalar tags (``{category: {chart: [tag regex, ...]}}``)."""
 
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        """Write a markdown text at ``step`` (TensorBoard's TEXT dashboard)."""
+
     def flush(self) -> None:
         """Make everything written so far durable."""
 
@@ -122,6 +125,9 @@ class TensorBoardSink(Sink):
                 ))
             values.append(value)
         self.writer.file_writer.add_summary(Summary(value=values), step)
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        self.writer.add_text(tag, text, global_step=step)
 
     def add_chart_layout(self, categories: Mapping[str, Mapping[str, list[str]]]) -> None:
         with self._layout_lock:
@@ -296,6 +302,11 @@ class RunOutputs:
             return
         matrices = dict(matrices)
         self.writer.submit(lambda: [sink.log_matrices(matrices, step) for sink in sinks])
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        """Call from the training thread: a markdown text to the thread-safe sinks that take it (TensorBoard)."""
+        sinks = list(self._background)
+        self.submit(lambda: [sink.log_text(tag, text, step) for sink in sinks])
 
     def add_chart_layout(self, categories: Mapping[str, Mapping[str, list[str]]]) -> None:
         """Declare a custom-scalars layout (TensorBoard only, from the background writer)."""
