@@ -235,7 +235,7 @@ class HeatmapCallback(Callback):
         if listener in self._listeners:
             self._listeners.remove(listener)
 
-    def history(self, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    def sample_history(self, metric: str) -> tuple[np.ndarray, np.ndarray]:
         """Copies of ``(steps, values)`` of ``metric`` (a full name of :attr:`metric_names`), oldest first.
 
         ``values`` is ``[samples, layers, columns + 1]`` (the ring buffer's content, see ``capacity`` and

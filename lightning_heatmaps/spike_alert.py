@@ -119,6 +119,7 @@ class SpikeAlert(Callback):
         self._samples: list[Sample] = []
         self._losses: torch.Tensor | None = None  # device buffer of the losses since the last check
         self._loss_steps: list[int] = []
+        self._restored: list[tuple[int, float]] = []  # unchecked losses that came back with a checkpoint
         self._batches: deque[tuple[int, int, int]] = deque(maxlen=4096)  # (epoch, batch_idx, step), host ints
         self._batch_step = -1
         self._grad_sumsq: tuple[torch.Tensor, bool] | None = None
@@ -141,11 +142,15 @@ class SpikeAlert(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"monitor": self.monitor.state_dict()}
+        # Losses not checked yet go with the checkpoint (a host read at checkpoint time): this rank's values.
+        count = len(self._loss_steps)
+        pending = self._restored + list(zip(self._loss_steps, self._losses[:count].tolist() if count else []))
+        return {"monitor": self.monitor.state_dict(), "pending_losses": [[int(s), float(v)] for s, v in pending]}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.monitor.load_state_dict(state_dict["monitor"])
+        self._restored = [(int(step), float(value)) for step, value in state_dict.get("pending_losses", [])]
 
     # --- setup ----------------------------------------------------------------------------------------
 
@@ -229,7 +234,7 @@ class SpikeAlert(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # What arrived since the last check (the last steps, the heatmaps' final sample) is checked too.
-        if self._loss_steps or self._samples:
+        if self._loss_steps or self._samples or self._restored:
             self._check(trainer, self._batch_step)
         if self._outputs is not None:
             self._outputs.flush()
@@ -262,6 +267,9 @@ class SpikeAlert(Callback):
         values = combined.tolist()  # the check's one host read
         losses, steps = values[:count], self._loss_steps
         self._loss_steps = []
+        if self._restored:
+            steps, losses = [s for s, _ in self._restored] + steps, [v for _, v in self._restored] + losses
+            self._restored = []
         scalars: dict[str, tuple[float, int]] = {}
         for loss_step, z in zip(steps, self.monitor.observe_losses(steps, losses)):
             if math.isfinite(z):
