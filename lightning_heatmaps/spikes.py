@@ -56,6 +56,23 @@ def log_values(values: np.ndarray) -> np.ndarray:
         return np.log(np.maximum(np.abs(values), LOG_FLOOR))
 
 
+def _median_and_mad(baseline: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column, the median and MAD of the finite values (NaN for an empty column)."""
+    if baseline.shape[0] == 0:
+        return np.full(baseline.shape[1:], np.nan), np.full(baseline.shape[1:], np.nan)
+    if np.isfinite(baseline).all():  # the common case, without nanmedian's overhead
+        median = np.median(baseline, axis=0)
+        return median, np.median(np.abs(baseline - median), axis=0)
+    median = np.full(baseline.shape[1:], np.nan)
+    mad = np.full(baseline.shape[1:], np.nan)
+    filled = np.isfinite(baseline).any(axis=0)
+    if filled.any():
+        columns = baseline[:, filled]
+        median[filled] = np.nanmedian(columns, axis=0)
+        mad[filled] = np.nanmedian(np.abs(columns - median[filled]), axis=0)
+    return median, mad
+
+
 def robust_z(x: np.ndarray, baseline: np.ndarray, mad_floor: float = MAD_FLOOR) -> np.ndarray:
     """Robust z of log-values ``x`` (shape ``[n]``) against ``baseline`` (``[window, n]``, NaN where empty).
 
@@ -72,27 +89,14 @@ def robust_z(x: np.ndarray, baseline: np.ndarray, mad_floor: float = MAD_FLOOR) 
         >>> robust_z(np.array([np.log(2.0)]), np.log(np.array([[1.0], [1.0], [1.0]]))).round(2).tolist()
         [23.38]
     """
-    x = np.asarray(x, dtype=np.float64)
-    baseline = np.asarray(baseline, dtype=np.float64)
-    z = np.full(x.shape, np.nan)
-    filled = np.isfinite(baseline).any(axis=0) & np.isfinite(x)
-    if not filled.any():
-        return z
-    columns = baseline[:, filled]
-    median = np.nanmedian(columns, axis=0)
-    mad = np.nanmedian(np.abs(columns - median), axis=0)
-    z[filled] = (x[filled] - median) / (MAD_SCALE * np.maximum(mad, mad_floor))
-    return z
+    median, mad = _median_and_mad(np.asarray(baseline, dtype=np.float64))
+    with np.errstate(invalid="ignore"):
+        return (np.asarray(x, dtype=np.float64) - median) / (MAD_SCALE * np.maximum(mad, mad_floor))
 
 
 def baseline_median(baseline: np.ndarray) -> np.ndarray:
     """The median of each series' baseline on the original scale (``exp`` of the log median), NaN if empty."""
-    baseline = np.asarray(baseline, dtype=np.float64)
-    out = np.full(baseline.shape[1:], np.nan)
-    filled = np.isfinite(baseline).any(axis=0)
-    if filled.any():
-        out[filled] = np.exp(np.nanmedian(baseline[:, filled], axis=0))
-    return out
+    return np.exp(_median_and_mad(np.asarray(baseline, dtype=np.float64))[0])
 
 
 class RobustBaseline:
@@ -134,8 +138,11 @@ class RobustBaseline:
         spike where ``ready & (z > threshold)``; such values, and non-finite ones, are not added.
         """
         x = log_values(values)
-        self.last_median = self.median()  # the baseline each value was scored against (original scale)
-        z = robust_z(x, self._values, self.mad_floor)
+        filled = self._values if self._accepted.min() >= self.window else self._values[: min(self.window, int(self._accepted.max()))]
+        median, mad = _median_and_mad(filled)
+        self.last_median = np.exp(median)  # the baseline each value was scored against (original scale)
+        with np.errstate(invalid="ignore"):
+            z = (x - median) / (MAD_SCALE * np.maximum(mad, self.mad_floor))
         with np.errstate(invalid="ignore"):
             accept = np.isfinite(x) & (~self.ready | ~(z > threshold))
         index = np.nonzero(accept)[0]
