@@ -41,7 +41,8 @@ class Report(Callback):
 
     def on_train_end(self, trainer, pl_module):
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as file:
-            json.dump({"alerts": self.alert.alerts, "global_step": trainer.global_step}, file)
+            json.dump({"alerts": self.alert.alerts, "global_step": trainer.global_step,
+                       "series": sorted(self.alert.monitor.groups)}, file)
 
 
 def main() -> None:

@@ -261,8 +261,9 @@ def test_ddp_an_alert_on_one_ranks_nan_is_seen_by_all_ranks(tmp_path, mode):
     done = subprocess.run([sys.executable, script, str(tmp_path), mode], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]  # a rank out of step would hang in a collective: TimeoutExpired
     ranks = [json.load(open(tmp_path / f"rank{rank}.json")) for rank in (0, 1)]
-    assert ranks[0] == ranks[1]  # the same alerts and the same last step on both ranks
+    assert ranks[0] == ranks[1]  # the same alerts, series watched and last step on both ranks
     (record,), last_step = ranks[0]["alerts"], ranks[0]["global_step"]
+    assert ranks[1]["series"] == ["activation_rms", "grad_norm"]  # samples reach the listener on rank 1 too
     assert (record["step"], record["signal"], record["nonfinite"], record["checked_at"]) == (5, "loss", True, 8)
     written = glob.glob(str(tmp_path / "**" / "alerts.jsonl"), recursive=True)
     assert len(written) == 1 and [json.loads(line)["step"] for line in open(written[0])] == [5]
