@@ -63,7 +63,7 @@ class Sample:
         >>> sample = Sample(step=0, callback="ActivationHeatmap", name=None, metrics={"activation_rms": np.ones((1, 2))},
         ...                 layer_labels=["0"], column_labels=["mlp", "all"], column_axis="component",
         ...                 missing=np.zeros((1, 1), bool), nonfinite=np.zeros((1, 1), bool))
-        >>> sample.metrics["activation_rms"][0, -1]
+        >>> float(sample.metrics["activation_rms"][0, -1])
         1.0
     """
 
