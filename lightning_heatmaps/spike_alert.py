@@ -145,12 +145,14 @@ class SpikeAlert(Callback):
         # Losses not checked yet go with the checkpoint (a host read at checkpoint time): this rank's values.
         count = len(self._loss_steps)
         pending = self._restored + list(zip(self._loss_steps, self._losses[:count].tolist() if count else []))
-        return {"monitor": self.monitor.state_dict(), "pending_losses": [[int(s), float(v)] for s, v in pending]}
+        return {"monitor": self.monitor.state_dict(), "pending_losses": [[int(s), float(v)] for s, v in pending],
+                "batches": [list(batch) for batch in self._batches]}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.monitor.load_state_dict(state_dict["monitor"])
         self._restored = [(int(step), float(value)) for step, value in state_dict.get("pending_losses", [])]
+        self._batches.extend(tuple(int(v) for v in batch) for batch in state_dict.get("batches", []))
 
     # --- setup ----------------------------------------------------------------------------------------
 

@@ -348,6 +348,8 @@ class SpikeMonitor:
         saved = self._pending_groups.pop(metric, None)
         if saved is not None and np.array_equal(np.asarray(saved["cells"]), cells):
             group.baseline.load_state_dict(saved["baseline"])
+            steps, z = np.asarray(saved["history_steps"]), np.asarray(saved["history_z"], dtype=np.float64)
+            group.history.extend((int(step), row) for step, row in zip(steps, z))
         self.groups[metric] = group
         return group
 
@@ -412,9 +414,15 @@ class SpikeMonitor:
     # --- state ---------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Baselines, cool-downs and the alert count (tensors and plain types)."""
+        """Baselines, the recent z of every series (attribution), cool-downs and the alert count (tensors and plain types)."""
         groups = {
-            metric: {"cells": torch.from_numpy(group.cells.copy()), "baseline": group.baseline.state_dict()}
+            metric: {
+                "cells": torch.from_numpy(group.cells.copy()),
+                "baseline": group.baseline.state_dict(),
+                "history_steps": torch.tensor([step for step, _ in group.history], dtype=torch.int64),
+                "history_z": torch.from_numpy(np.stack([z for _, z in group.history]) if group.history
+                                              else np.zeros((0, len(group.cells)))),
+            }
             for metric, group in self.groups.items()
         }
         groups.update({metric: saved for metric, saved in self._pending_groups.items() if metric not in groups})

@@ -198,12 +198,15 @@ def test_state_resumes_exactly(tmp_path):
     (checkpoint,) = glob.glob(os.path.join(first.logger.log_dir, "checkpoints", "*.ckpt"))
     _, resumed = fit(4, checkpoint)
     _, straight = fit(4, root="straight")
+    assert resumed.alerts == [alert for alert in straight.alerts if alert["checked_at"] >= 24]  # attribution too
     got, expected = resumed.monitor.state_dict(), straight.monitor.state_dict()
     assert int(got["loss"]["accepted"][0]) == int(expected["loss"]["accepted"][0]) >= 46  # the first run's came back
     for key in ("loss", "grad_norm"):
         torch.testing.assert_close(got[key]["values"], expected[key]["values"], equal_nan=True)
         torch.testing.assert_close(got[key]["accepted"], expected[key]["accepted"])
     assert list(got["groups"]) == ["activation_rms"]
+    for key in ("history_steps", "history_z"):
+        torch.testing.assert_close(got["groups"]["activation_rms"][key], expected["groups"]["activation_rms"][key])
     torch.testing.assert_close(got["groups"]["activation_rms"]["baseline"]["values"],
                                expected["groups"]["activation_rms"]["baseline"]["values"], equal_nan=True)
     assert got["cooldown_until"] == expected["cooldown_until"]
