@@ -491,7 +491,7 @@ export class Dashboard {
     this.renderAlertStrip(primary);
 
     const totalWidth = Math.max(320, this.root.clientWidth - 8);
-    const panels = view === "overview" ? this.overviewPanels(step, totalWidth, zMode) : this.mainPanels(content, primary, step, totalWidth, zMode);
+    const panels = view === "overview" ? this.overviewPanels(step, zMode) : this.mainPanels(content, primary, step, totalWidth, zMode);
     this.missing = this.missingMap(content);
     const layoutKey = `${view}|${panels.map((panel) => `${panel.series.run}\u0000${panel.series.tag}`).join("|")}`;
     if (layoutKey !== this.layoutKey || !this.heatmaps || this.heatmaps.length !== panels.length) {
@@ -567,9 +567,10 @@ export class Dashboard {
 
   // The overview: every metric of the run, layer x step of its default column, each on its own colour
   // scale (its own defaults: log or linear, its fixed range or the automatic robust one) or the z scale.
-  overviewPanels(step, totalWidth, zMode) {
+  overviewPanels(step, zMode) {
     this.message.textContent = "";
-    const width = Math.floor((totalWidth - 12) / 2);
+    // Two a row: the root's width less its padding (2 x 16 px) and the gap between panels (12 px).
+    const width = Math.max(320, Math.floor((this.root.clientWidth - 32 - 12) / 2));
     const panels = [];
     for (const tag of this.overviewTags()) {
       const series = this.series(this.state.run, tag);
@@ -649,28 +650,38 @@ export class Dashboard {
     }
   }
 
-  alertButton(alert, sample, className) {
-    const button = element("button", {type: "button", class: className, title: describeAlert(alert), text: "▼",
-                                      "data-step": String(alert.step), "data-sample": String(sample),
-                                      "data-signal": String(alert.signal)});
+  // A run's alerts grouped by the sample of `series` they map to (alerts at one step share one marker):
+  // [{sample, alerts}], in step order, leaving out alerts after the newest sample.
+  alertGroups(run, series) {
+    const groups = new Map();
+    for (const alert of this.runAlerts(run)) {
+      const sample = this.sampleFor(series, alert.step);
+      if (sample >= 0) {
+        groups.set(sample, [...(groups.get(sample) || []), alert]);
+      }
+    }
+    return [...groups].map(([sample, alerts]) => ({sample, alerts}));
+  }
+
+  // One marker: its title describes every alert it stands for (one line each); a click scrubs to the first.
+  alertButton({sample, alerts}, className) {
+    const button = element("button", {type: "button", class: className, title: alerts.map(describeAlert).join("\n"),
+                                      text: "▼", "data-step": String(alerts[0].step), "data-sample": String(sample),
+                                      "data-alerts": String(alerts.length)});
     button.addEventListener("click", (event) => {
       event.stopPropagation();
-      this.scrubTo(alert);
+      this.scrubTo(alerts[0]);
     });
     return button;
   }
 
   renderAlertStrip(primary) {
     const last = Math.max(1, primary.samples - 1);
-    this.alertStrip.replaceChildren(...this.runAlerts(this.state.run).flatMap((alert) => {
-      const sample = this.sampleFor(primary, alert.step);
-      if (sample < 0) {
-        return [];
-      }
-      const button = this.alertButton(alert, sample, "lh-alert-tick");
+    this.alertStrip.replaceChildren(...this.alertGroups(this.state.run, primary).map((group) => {
+      const button = this.alertButton(group, "lh-alert-tick");
       // The slider's thumb centre runs from 8 px to the track's width minus 8 px.
-      button.style.left = `calc(${(100 * sample) / last}% + ${8 - (16 * sample) / last}px)`;
-      return [button];
+      button.style.left = `calc(${(100 * group.sample) / last}% + ${8 - (16 * group.sample) / last}px)`;
+      return button;
     }));
   }
 
@@ -682,13 +693,9 @@ export class Dashboard {
     if (!wanted) {
       return;
     }
-    for (const alert of this.runAlerts(heatmap.series.run)) {
-      const sample = this.sampleFor(heatmap.series, alert.step);
-      if (sample < 0) {
-        continue;
-      }
-      const button = this.alertButton(alert, sample, "lh-alert-marker");
-      button.style.left = `${heatmap.columnCenter(sample)}px`;
+    for (const group of this.alertGroups(heatmap.series.run, heatmap.series)) {
+      const button = this.alertButton(group, "lh-alert-marker");
+      button.style.left = `${heatmap.columnCenter(group.sample)}px`;
       button.style.top = `${heatmap.plot.top - 16}px`;
       heatmap.panel.appendChild(button);
     }
@@ -763,7 +770,7 @@ export class Dashboard {
       const zRows = this.zRowsOf(series, column);
       panel.zRows = zRows;
       Object.assign(spec, {
-        cmap: "diverging", legend: `${content.metric}: robust z vs own baseline`,
+        cmap: "diverging", legend: "robust z vs own baseline",
         value: (row, index) => zRows[row].z[index],
         blank: (row, index) => zRows[row].kind[index] === Z_WARMUP,
         score: (row, index) => {
