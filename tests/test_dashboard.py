@@ -646,6 +646,10 @@ def test_browser_z_colouring_alert_markers_and_overview(dashboard, tmp_path):
     assert sorted(panels.nth(index).get_attribute("data-tag") for index in range(panels.count())) == list(SPIKY_TAGS)
     assert frame.locator(".lh-alert-marker").count() == 2 * 2
     page.screenshot(path=str(tmp_path / "dashboard_overview.png"))
+    first = frame.locator("canvas.lh-heatmap").first  # a click opens that metric's layer x step view
+    first.click(position=_cell_position(first, 1, 10))
+    assert frame.locator("#lh-view").input_value() == "history"
+    assert frame.locator("#lh-tag").input_value() == first.get_attribute("data-tag") == SPIKY_TAGS[0]
     for control, value in [("#lh-color-by", "value"), ("#lh-view", "matrix")]:
         frame.locator(control).select_option(value)
     assert errors == []

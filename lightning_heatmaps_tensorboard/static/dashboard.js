@@ -240,7 +240,11 @@ export class Dashboard {
             }
           }
           for (const run of new Set([this.state.run, this.state.compare].filter((run) => run && this.runs[run]))) {
-            this.alerts[run] = await fetchAlerts(run);
+            try {
+              this.alerts[run] = await fetchAlerts(run);
+            } catch (error) {  // the heatmaps still show; the status line says the alerts did not load
+              this.alerts[run] = {alerts: [], kept: 0, written: 0, error: String(error.message || error)};
+            }
           }
           this.updated = new Date();
           this.error = null;
@@ -704,6 +708,9 @@ export class Dashboard {
   alertStatus(primary) {
     const data = this.alerts[this.state.run];
     const alerts = this.runAlerts(this.state.run);
+    if (data && data.error) {
+      return ` · spike alerts could not be loaded: ${data.error}`;
+    }
     if (!data || !alerts.length) {
       return data ? " · no spike alerts" : "";
     }
