@@ -182,7 +182,14 @@ def encode_alert(record: Mapping[str, Any], number: int) -> bytes:
         >>> decode_alert(encode_alert({"step": 7, "signal": "loss", "z": float("inf")}, 1))
         ({'step': 7, 'signal': 'loss', 'z': inf}, 1)
     """
-    return json.dumps({"alert": dict(record), "number": int(number)}, separators=(",", ":")).encode("utf-8")
+    return json.dumps({"alert": dict(record), "number": int(number)}, separators=(",", ":"), default=_plain).encode("utf-8")
+
+
+def _plain(value: Any) -> Any:
+    # A NumPy scalar (np.float32 z, np.int64 step) as the Python number it holds; anything else is an error.
+    if hasattr(value, "item") and not hasattr(value, "__len__"):
+        return value.item()
+    raise TypeError(f"an alert holds {type(value).__name__!r}, which JSON cannot write.")
 
 
 def decode_alert(element: bytes) -> tuple[dict[str, Any], int]:

@@ -254,7 +254,7 @@ def test_alerts_are_written_as_documented(logdir, tmp_path):
     writer = SummaryWriter(str(tmp_path / "run"))
     csv = L.pytorch.loggers.CSVLogger(str(tmp_path / "csv"))
     outputs = RunOutputs(str(tmp_path / "heatmaps"), [TensorBoardSink(writer), LoggerSink(csv)], BackgroundWriter("alerts"))
-    outputs.log_alert(ALERTS[0], SPIKE_STEP)
+    outputs.log_alert({**ALERTS[0], "z": np.float32(40.5)}, SPIKE_STEP)  # a NumPy scalar is written as its number
     outputs.close()
     assert outputs.errors == 0 and outputs.writer.errors == 0
     events = read_events(tmp_path / "run")
