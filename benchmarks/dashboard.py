@@ -13,7 +13,8 @@
    numbers as a JSON list of floats.
 3. **Browser**: headless Chromium (Debian's, through Playwright) on the HEATMAPS tab; the dashboard's own
    render time (``data-render-ms``: colour range, drawing every panel, the line chart) for the first
-   picture, the layer x step view of the whole history, and scrubbing the slider.
+   picture, the layer x step view of the whole history (5000 samples binned into the plot's pixel columns,
+   each drawing its most extreme sample), its z colouring, and scrubbing the slider.
 
 The end-to-end cost of the matrices on a real training step is in ``overhead.py --sections dashboard``.
 """
@@ -177,6 +178,15 @@ def serve_and_browse(layers: int, components: int, samples: int, screenshot: str
                 frame.locator("#lh-step").press("PageUp")
                 moves.append(float(root.get_attribute("data-render-ms")))
             times["layer x step, moving the slider's marker"] = moves
+            if frame.locator("#lh-color-by").count():  # the z colouring (issue 18); absent before it
+                frame.locator("#lh-color-by").select_option("z")  # z of every layer's 5000 values, computed once
+                times["layer x step, z against its own baseline (z computed)"] = [float(root.get_attribute("data-render-ms"))]
+                z_moves = []
+                for _ in range(10):
+                    frame.locator("#lh-step").press("PageDown")
+                    z_moves.append(float(root.get_attribute("data-render-ms")))
+                times["layer x step, z against its own baseline, moving the slider's marker"] = z_moves
+                frame.locator("#lh-color-by").select_option("value")
             if screenshot:
                 page.screenshot(path=screenshot)
             browser.close()

@@ -34,10 +34,10 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from tensorboard.compat.proto.summary_pb2 import DATA_CLASS_TENSOR, Summary, SummaryMetadata
 from tensorboard.compat.proto.tensor_pb2 import TensorProto
 from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
-from tensorboard.compat.proto.types_pb2 import DT_FLOAT
+from tensorboard.compat.proto.types_pb2 import DT_FLOAT, DT_STRING
 
 from lightning_heatmaps._worker import BackgroundWriter
-from lightning_heatmaps_tensorboard.metadata import PLUGIN_NAME
+from lightning_heatmaps_tensorboard.metadata import ALERT_TAG, PLUGIN_NAME, alert_content, encode_alert
 from lightning_heatmaps.render import rgb_to_png
 
 
@@ -60,6 +60,9 @@ class Sink:
 
     def log_matrices(self, matrices: Mapping[str, tuple[np.ndarray, bytes]], step: int) -> None:
         """Write ``{tag: (matrix, content)}`` at ``step`` for the HEATMAPS dashboard (content: its JSON metadata)."""
+
+    def log_alert(self, record: Mapping[str, Any], step: int) -> None:
+        """Write one spike alert (one ``alerts.jsonl`` object) at ``step`` for the dashboard; a no-op here."""
 
     def add_chart_layout(self, categories: Mapping[str, Mapping[str, list[str]]]) -> None:
         """Declare charts grouping scalar tags (``{category: {chart: [tag regex, ...]}}``)."""
@@ -95,6 +98,9 @@ class TensorBoardSink(Sink):
     def __init__(self, writer: Any) -> None:
         self.writer = writer
         self._described: set[str] = set()
+        self._alerts_written = 0
+        self._alert_step: int | None = None
+        self._alerts_of_step: list[bytes] = []
 
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
         # One event holding every value of the sample: ~20x less Python work than one add_scalar each,
@@ -128,6 +134,33 @@ class TensorBoardSink(Sink):
 
     def log_text(self, tag: str, text: str, step: int) -> None:
         self.writer.add_text(tag, text, global_step=step)
+
+    def log_alert(self, record: Mapping[str, Any], step: int) -> None:
+        """Write ``record`` under the tag ``alerts`` of the dashboard's plugin (encoding: see
+        :mod:`lightning_heatmaps_tensorboard.metadata`).
+
+        Example:
+            >>> from torch.utils.tensorboard import SummaryWriter
+            >>> import tempfile
+            >>> sink = TensorBoardSink(SummaryWriter(tempfile.mkdtemp()))
+            >>> sink.log_alert({"step": 40, "signal": "loss", "value": 9.1, "baseline": 2.3, "z": 11.5, "layers": []}, step=40)
+        """
+        # A data provider keeps one value per step (the latest): a second alert at the same step is written
+        # with the first in one tensor, which supersedes the one written before.
+        if step != self._alert_step:
+            self._alert_step, self._alerts_of_step = step, []
+        self._alerts_written += 1
+        self._alerts_of_step.append(encode_alert(record, self._alerts_written))
+        tensor = TensorProto(dtype=DT_STRING, string_val=list(self._alerts_of_step),
+                             tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=len(self._alerts_of_step))]))
+        value = Summary.Value(tag=ALERT_TAG, tensor=tensor)
+        # The metadata rides with every alert: alerts are rare, and a writer shared by several sinks (one per
+        # callback) has no single "first" alert.
+        value.metadata.CopyFrom(SummaryMetadata(
+            plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME, content=alert_content()),
+            data_class=DATA_CLASS_TENSOR,
+        ))
+        self.writer.file_writer.add_summary(Summary(value=[value]), step)
 
     def add_chart_layout(self, categories: Mapping[str, Mapping[str, list[str]]]) -> None:
         with self._layout_lock:
@@ -307,6 +340,21 @@ class RunOutputs:
         """Call from the training thread: a markdown text to the thread-safe sinks that take it (TensorBoard)."""
         sinks = list(self._background)
         self.submit(lambda: [sink.log_text(tag, text, step) for sink in sinks])
+
+    def log_alert(self, record: Mapping[str, Any], step: int) -> None:
+        """Call from the training thread: one spike alert (an ``alerts.jsonl`` object) for the dashboard,
+        written by the background writer (TensorBoard), like :meth:`log_matrices`."""
+        sinks = list(self._background)
+        if self.writer is None or not sinks:
+            return
+        record = dict(record)
+
+        def write() -> None:
+            for sink in sinks:
+                sink.log_alert(record, step)
+                sink.flush()  # alerts are rare and wanted at once: make each durable now
+
+        self.writer.submit(write)
 
     def add_chart_layout(self, categories: Mapping[str, Mapping[str, list[str]]]) -> None:
         """Declare a custom-scalars layout (TensorBoard only, from the background writer)."""

@@ -331,8 +331,7 @@ class SpikeAlert(Callback):
                 json.dump({"batches": batches}, file, indent=1)
             outputs.log_scalars({"spike/alerts": float(self.monitor.alerts)}, record["step"])
             outputs.log_text("spike/alerts", alert_markdown(record), record["step"])
-            if hasattr(outputs, "log_alert"):  # the dashboard's alert markers (sinks.log_alert, issue 18 UI side)
-                outputs.log_alert(record, record["step"])
+            outputs.log_alert(record, record["step"])  # the dashboard's alert markers
         rank_zero_warn(alert_message(record, self.dense_capture_steps))
 
 

@@ -1,9 +1,23 @@
-"""What a matrix summary of the HEATMAPS plugin carries, written and read in one place.
+"""What the summaries of the HEATMAPS plugin carry, written and read in one place.
 
-Each sample, a callback writes one float32 matrix per metric as a tensor summary whose metadata names
-this plugin (``plugin_name``), has ``DATA_CLASS_TENSOR`` and carries JSON content that says how to read
-the matrix (see :func:`matrix_content`). The callbacks write it (:mod:`lightning_heatmaps.sinks`), the
-plugin reads it (:mod:`lightning_heatmaps_tensorboard.plugin`); both go through this module.
+**Matrices.** Each sample, a callback writes one float32 matrix per metric as a tensor summary whose
+metadata names this plugin (``plugin_name``), has ``DATA_CLASS_TENSOR`` and carries JSON content that says
+how to read the matrix (see :func:`matrix_content`).
+
+**Alerts.** Each spike alert is written under the one tag :data:`ALERT_TAG` (``alerts``) as a tensor
+summary of the same plugin, at the alert's step: a 1-D ``DT_STRING`` tensor with one element per alert of
+that step, each element the UTF-8 JSON ``{"alert": record, "number": n}`` (see :func:`encode_alert`),
+where ``record`` is exactly one ``alerts.jsonl`` object and ``n`` counts the alerts this writer has
+written so far (1, 2, ...). Two alerts at one step are written as one tensor of two elements (the
+second write of a step repeats the first alert: a data provider keeps the latest value of a step).
+The metadata's content is :func:`alert_content` (``{"version": 1, "type": "alerts"}``). A string tensor
+is what both of TensorBoard's data providers return through ``read_tensors`` (the Rust data server and
+``--load_fast=false``), as an object array of bytes. TensorBoard keeps a sample of a tag's values
+(``--samples_per_plugin lightning_heatmaps=0`` keeps all): ``number`` lets the dashboard say when
+alerts were dropped.
+
+The callbacks write both (:mod:`lightning_heatmaps.sinks`), the plugin reads them
+(:mod:`lightning_heatmaps_tensorboard.plugin`); both go through this module.
 
 Standard library only: TensorBoard imports the plugin, and with it this module, at start.
 """
@@ -11,7 +25,7 @@ Standard library only: TensorBoard imports the plugin, and with it this module, 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 #: The plugin's name: in every summary's metadata, in the dashboard's URL (``#lightning_heatmaps``) and in
@@ -21,6 +35,10 @@ PLUGIN_NAME = "lightning_heatmaps"
 TAG_PREFIX = "matrices/"
 #: Version of the JSON content; a reader refuses content of a newer version.
 CONTENT_VERSION = 1
+#: The tag of the alert summaries (see the module docstring).
+ALERT_TAG = "alerts"
+#: Version of the alert encoding; a reader refuses a newer one.
+ALERT_VERSION = 1
 #: Why a cell has no value: a component a layer does not have, or one with no trainable parameter.
 MISSING_REASONS = ("not monitored", "frozen")
 
@@ -119,3 +137,67 @@ def matrix_tag(metric: str, view: str | None = None) -> str:
         ('matrices/grad_norm', 'matrices/logit_lens/prompt_0')
     """
     return TAG_PREFIX + metric + ("" if view is None else "/" + view)
+
+
+def alert_content() -> bytes:
+    """The JSON content of the alert summaries' metadata.
+
+    Example:
+        >>> read_alert_content(alert_content())["type"]
+        'alerts'
+    """
+    return json.dumps({"version": ALERT_VERSION, "type": "alerts"}, separators=(",", ":")).encode("utf-8")
+
+
+def read_alert_content(content: bytes) -> dict[str, Any]:
+    """Parse the alert summaries' metadata content; ``ValueError`` if this version cannot read it.
+
+    Example:
+        >>> read_alert_content(b'{"version": 2, "type": "alerts"}')
+        Traceback (most recent call last):
+        ...
+        ValueError: alert content version 2 is newer than this plugin reads (1): upgrade lightning-heatmaps.
+    """
+    try:
+        parsed = json.loads(content.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"alert content is not JSON ({error}).") from None
+    if not isinstance(parsed, dict) or parsed.get("type") != "alerts" or not isinstance(parsed.get("version"), int):
+        raise ValueError("alert content has no version or is not of type 'alerts'.")
+    if parsed["version"] > ALERT_VERSION:
+        raise ValueError(
+            f"alert content version {parsed['version']} is newer than this plugin reads ({ALERT_VERSION}): "
+            "upgrade lightning-heatmaps."
+        )
+    return parsed
+
+
+def encode_alert(record: Mapping[str, Any], number: int) -> bytes:
+    """One element of an alert tensor: the UTF-8 JSON ``{"alert": record, "number": number}``.
+
+    Non-finite floats (a NaN loss) are written as the JSON extensions ``NaN`` and ``Infinity``, as
+    ``json.dumps`` writes them; :func:`decode_alert` and the dashboard read them back.
+
+    Example:
+        >>> decode_alert(encode_alert({"step": 7, "signal": "loss", "z": float("inf")}, 1))
+        ({'step': 7, 'signal': 'loss', 'z': inf}, 1)
+    """
+    return json.dumps({"alert": dict(record), "number": int(number)}, separators=(",", ":"), default=_plain).encode("utf-8")
+
+
+def _plain(value: Any) -> Any:
+    # A NumPy scalar (np.float32 z, np.int64 step) as the Python number it holds; anything else is an error.
+    if hasattr(value, "item") and not hasattr(value, "__len__"):
+        return value.item()
+    raise TypeError(f"an alert holds {type(value).__name__!r}, which JSON cannot write.")
+
+
+def decode_alert(element: bytes) -> tuple[dict[str, Any], int]:
+    """The inverse of :func:`encode_alert`: ``(record, number)``; ``ValueError`` if it is not one."""
+    try:
+        parsed = json.loads(element.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"alert is not JSON ({error}).") from None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("alert"), dict) or not isinstance(parsed.get("number"), int):
+        raise ValueError("alert element is not {'alert': {...}, 'number': int}.")
+    return parsed["alert"], parsed["number"]

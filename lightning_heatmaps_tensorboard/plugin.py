@@ -6,7 +6,12 @@ Routes (under ``/data/plugin/lightning_heatmaps``):
   else, ``..`` included, is a 404);
 - ``/runs``: JSON ``{run: {tag: {content..., "max_step": int}}}`` of every matrix time series;
 - ``/values?run=R&tag=T[&after=S]``: one time series as binary (see :func:`encode_values`), only the
-  samples with a step greater than ``after`` when it is given, so a live refresh sends only what is new.
+  samples with a step greater than ``after`` when it is given, so a live refresh sends only what is new;
+- ``/alerts?run=R``: JSON ``{"alerts": [record, ...], "kept": int, "written": int}``, the run's spike alerts
+  in step order (each exactly one ``alerts.jsonl`` object; non-finite numbers as the strings ``"NaN"``,
+  ``"Infinity"``, ``"-Infinity"``, as TensorBoard's ``http_util.Respond`` writes them), how many TensorBoard
+  kept, and how many the writer had written by the newest alert kept (more than ``kept`` when TensorBoard
+  dropped some; see :mod:`~lightning_heatmaps_tensorboard.metadata`).
 
 A bad ``run``, ``tag`` or ``after`` is answered with a 400 whose text says what was wrong; every response
 names its content type and carries ``X-Content-Type-Options: nosniff`` (``http_util.Respond``).
@@ -28,7 +33,7 @@ from tensorboard.data import provider
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
-from lightning_heatmaps_tensorboard.metadata import PLUGIN_NAME, read_content
+from lightning_heatmaps_tensorboard.metadata import ALERT_TAG, PLUGIN_NAME, decode_alert, read_alert_content, read_content
 
 _STATIC_DIRECTORY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 #: The only files the static route serves, with their content types.
@@ -40,6 +45,7 @@ STATIC_FILES = {
     "heatmap.js": "text/javascript",
     "linechart.js": "text/javascript",
     "canvas.js": "text/javascript",
+    "baseline.js": "text/javascript",
     "host.js": "text/javascript",
     "style.css": "text/css",
 }
@@ -124,6 +130,7 @@ class HeatmapsPlugin(base_plugin.TBPlugin):
             "/static/*": self._serve_static,
             "/runs": self._serve_runs,
             "/values": self._serve_values,
+            "/alerts": self._serve_alerts,
         }
 
     def is_active(self) -> bool:
@@ -171,6 +178,14 @@ class HeatmapsPlugin(base_plugin.TBPlugin):
             return _bad_request(request, str(error))
         return http_util.Respond(request, encode_values(steps, values), "application/octet-stream")
 
+    @wrappers.Request.application
+    def _serve_alerts(self, request: Any) -> wrappers.Response:
+        try:
+            alerts = self.alerts(request.environ, _parameter(request, "run"))
+        except BadRequest as error:
+            return _bad_request(request, str(error))
+        return http_util.Respond(request, alerts, "application/json")
+
     # --- data ------------------------------------------------------------------------------------
 
     def _context(self, environ: dict) -> tuple[Any, str]:
@@ -183,6 +198,8 @@ class HeatmapsPlugin(base_plugin.TBPlugin):
         result: dict[str, dict[str, dict[str, Any]]] = {}
         for run, tags in listing.items():
             for tag, series in tags.items():
+                if tag == ALERT_TAG:
+                    continue  # not a matrix: served by /alerts
                 try:
                     content = read_content(series.plugin_content)
                 except ValueError as error:
@@ -199,7 +216,7 @@ class HeatmapsPlugin(base_plugin.TBPlugin):
         )
         if run not in listing:
             raise BadRequest(f"Invalid value for run={run[:200]!r}: no run with heatmaps matrices has that name.")
-        if tag not in listing[run]:
+        if tag not in listing[run] or tag == ALERT_TAG:
             raise BadRequest(f"Invalid value for tag={tag[:200]!r}: run {run[:200]!r} has no heatmaps matrices under that tag.")
         data = self._data_provider.read_tensors(
             ctx, experiment_id=experiment, plugin_name=PLUGIN_NAME, downsample=_ALL_SAMPLES,
@@ -217,3 +234,44 @@ class HeatmapsPlugin(base_plugin.TBPlugin):
             return np.zeros(0, dtype=np.int64), np.zeros((0, 0, 0), dtype=np.float32)
         return np.array([step for step, _ in kept], dtype=np.int64), np.stack([array for _, array in kept])
 
+
+    def alerts(self, environ: dict, run: str) -> dict[str, Any]:
+        """``{"alerts": [record, ...], "kept": int, "written": int}`` of one run, records in step order.
+
+        A run the plugin knows (it has matrices or alerts) but with no alerts gives an empty list; an unknown
+        run is a :class:`BadRequest`.
+        """
+        ctx, experiment = self._context(environ)
+        listing = self._data_provider.list_tensors(
+            ctx, experiment_id=experiment, plugin_name=PLUGIN_NAME, run_tag_filter=provider.RunTagFilter(runs=[run])
+        )
+        if run not in listing:
+            raise BadRequest(f"Invalid value for run={run[:200]!r}: no run with heatmaps matrices or alerts has that name.")
+        series = listing[run].get(ALERT_TAG)
+        if series is None:
+            return {"alerts": [], "kept": 0, "written": 0}
+        try:
+            read_alert_content(series.plugin_content)
+        except ValueError as error:
+            raise BadRequest(f"Run {run[:200]!r} has alerts this plugin cannot read: {error}") from None
+        data = self._data_provider.read_tensors(
+            ctx, experiment_id=experiment, plugin_name=PLUGIN_NAME, downsample=_ALL_SAMPLES,
+            run_tag_filter=provider.RunTagFilter([run], [ALERT_TAG]),
+        )
+        # Every element of every value kept, once: the Rust data server keeps only the latest write of a step
+        # (which repeats that step's earlier alerts), the Python multiplexer keeps every write.
+        seen: dict[bytes, tuple[int, int, dict[str, Any]]] = {}
+        for datum in data.get(run, {}).get(ALERT_TAG, []):
+            for element in np.asarray(datum.numpy, dtype=object).reshape(-1):
+                raw = bytes(element)
+                if raw in seen:
+                    continue
+                try:
+                    record, number = decode_alert(raw)
+                except ValueError:
+                    continue  # not an alert of this format: never shown as one
+                seen[raw] = (datum.step, number, record)
+        ordered = sorted(seen.values(), key=lambda item: (item[0], item[1]))
+        # The writer's count at its newest alert kept (a resumed run counts again from 1: never below kept).
+        written = max((number for step, number, _ in ordered if step == ordered[-1][0]), default=0)
+        return {"alerts": [record for _, _, record in ordered], "kept": len(ordered), "written": max(written, len(ordered))}

@@ -1,7 +1,9 @@
 """The HEATMAPS dashboard (TensorBoard plugin): what the callbacks write, what the routes serve, what a browser shows.
 
 One real training run (GradientHeatmap with a frozen component, ActivationHeatmap, LogitLensHeatmap) writes
-the event file; a second run is written through the same TensorBoard sink with NaN and infinite cells.
+the event file; a second run is written through the same TensorBoard sink with NaN and infinite cells; a
+third (``spiky``) holds 5000 samples of two metrics with one planted spike and one NaN, and spike alerts
+written through ``TensorBoardSink.log_alert``.
 TensorBoard's own WSGI app serves the plugin, with the default Rust data server and with
 ``--load_fast=false``; values are compared with the callbacks' npz files and with the event file read by
 ``EventAccumulator``. The browser tests start ``tensorboard`` and drive Debian's Chromium with Playwright.
@@ -23,11 +25,36 @@ from torch.utils.tensorboard import SummaryWriter
 
 from conftest import TokenModel, make_trainer, read_events, tiny_llama, token_loader
 from lightning_heatmaps import ActivationHeatmap, GradientHeatmap, LogitLensHeatmap
-from lightning_heatmaps.sinks import TensorBoardSink
-from lightning_heatmaps_tensorboard.metadata import PLUGIN_NAME, matrix_content, matrix_tag, read_content
+from lightning_heatmaps._worker import BackgroundWriter
+from lightning_heatmaps.sinks import LoggerSink, RunOutputs, Sink, TensorBoardSink
+from lightning_heatmaps_tensorboard.metadata import (ALERT_TAG, PLUGIN_NAME, decode_alert, matrix_content, matrix_tag,
+                                                     read_alert_content, read_content)
 from lightning_heatmaps_tensorboard.plugin import decode_values
 
 STEPS = 12
+# The spiky run: SPIKY_SAMPLES samples (steps 0..4999) of 2 layers x (attn.q, all), layer 0 around 1e-3 and
+# layer 1 around 100 (log-normal noise), one spike in layer 0's `all` at SPIKE_STEP, a NaN in layer 1's at
+# NAN_STEP, and three alerts (two at SPIKE_STEP, one with a NaN z).
+SPIKY_SAMPLES = 5000
+SPIKE_STEP = 3217
+NAN_STEP = 1003
+SPIKY_TAGS = ("matrices/activation_rms", "matrices/grad_norm")
+ALERTS = [
+    {"step": SPIKE_STEP, "signal": "loss", "value": 9.5, "baseline": 2.25, "z": 40.5,
+     "layers": [{"layer": 1, "component": "all", "metric": "grad_norm", "z": 50.0, "first_step": SPIKE_STEP},
+                {"layer": 0, "component": "attn.q", "metric": "grad_norm", "z": 41.0, "first_step": SPIKE_STEP - 2}]},
+    {"step": SPIKE_STEP, "signal": "grad_norm", "value": 3.0, "baseline": 1.0, "z": 12.25, "layers": []},
+    {"step": 4000, "signal": "loss", "value": float("nan"), "baseline": 2.0, "z": float("nan"), "layers": []},
+]
+
+
+def spiky_values(seed: int) -> np.ndarray:
+    """[samples, 2 layers, 2 columns] float32, the spike and the NaN planted in the `all` column."""
+    rng = np.random.default_rng(seed)
+    values = np.exp(rng.normal(0.0, 0.05, (SPIKY_SAMPLES, 2, 2))) * np.array([[1e-3], [100.0]])
+    values[SPIKE_STEP, 0, 1] = 1000.0
+    values[NAN_STEP, 1, 1] = np.nan
+    return values.astype(np.float32)
 BASE = f"/data/plugin/{PLUGIN_NAME}"
 CHROMIUM = "/usr/bin/chromium"
 
@@ -50,6 +77,18 @@ def logdir(tmp_path_factory):
         matrix = np.full((2, 8), 0.25 * (step + 1), dtype=np.float32)
         matrix[0, 0], matrix[0, 1], matrix[1, 0] = np.nan, np.inf, -np.inf
         sink.log_matrices({matrix_tag("grad_norm"): (matrix, content)}, step)
+    writer.close()
+    writer = SummaryWriter(str(root / "spiky"))
+    sink = TensorBoardSink(writer)
+    contents = {tag: matrix_content(callback="GradientHeatmap", metric=tag.split("/")[1], kind="layer_x_component",
+                                    row_labels=["0", "1"], column_labels=["attn.q", "all"], pooled_column=True,
+                                    every_n_steps=1) for tag in SPIKY_TAGS}
+    spiky = {tag: spiky_values(seed) for seed, tag in enumerate(SPIKY_TAGS)}
+    for step in range(SPIKY_SAMPLES):
+        sink.log_matrices({tag: (spiky[tag][step], contents[tag]) for tag in SPIKY_TAGS}, step)
+        for alert in ALERTS:
+            if alert["step"] == step:
+                sink.log_alert(alert, step)
     writer.close()
     return root
 
@@ -78,7 +117,8 @@ def _client(logdir, load_fast):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # both load the logdir in the background
         runs = client.get(f"{BASE}/runs").json
-        if set(runs) == {"train", "special"} and len(runs["train"]) == 3:
+        if set(runs) == {"train", "special", "spiky"} and len(runs["train"]) == 3 and len(runs["spiky"]) == 2 and \
+                client.get(f"{BASE}/alerts", query_string={"run": "spiky"}).json["kept"] == len(ALERTS):
             return client
         time.sleep(0.2)
     raise AssertionError(f"TensorBoard did not load the logdir: {runs}")
@@ -170,6 +210,60 @@ def test_non_finite_values_are_served_as_they_are(client):
     steps, values = _values(client, "special", "matrices/grad_norm")
     assert steps.tolist() == [0, 1, 2]
     assert np.isnan(values[:, 0, 0]).all() and (values[:, 0, 1] == np.inf).all() and (values[:, 1, 0] == -np.inf).all()
+
+
+def _json_number(value):
+    # TensorBoard's http_util.Respond writes NaN and infinities as strings (json_util.Cleanse).
+    return value if np.isfinite(value) else {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}[str(value)]
+
+
+def test_alerts_route_returns_every_alert_in_step_order(client):
+    body = client.get(f"{BASE}/alerts", query_string={"run": "spiky"})
+    assert body.status_code == 200 and body.headers["Content-Type"] == "application/json"
+    expected = [{key: _json_number(value) if isinstance(value, float) else value for key, value in alert.items()}
+                for alert in ALERTS]
+    # Two alerts at one step both arrive (the Rust data server keeps one value per step).
+    assert body.json == {"alerts": expected, "kept": 3, "written": 3}
+    assert client.get(f"{BASE}/alerts", query_string={"run": "train"}).json == {"alerts": [], "kept": 0, "written": 0}
+    assert ALERT_TAG not in client.get(f"{BASE}/runs").json["spiky"]  # not a matrix
+    response = client.get(f"{BASE}/values", query_string={"run": "spiky", "tag": ALERT_TAG})
+    assert response.status_code == 400 and "no heatmaps matrices under that tag" in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [({}, "Missing query parameter 'run'"), ({"run": "nope"}, "Invalid value for run='nope'"),
+     ({"run": "x" * 5000}, "longer than 4096"), ({"run": "spiky\x00"}, "holds a NUL")],
+)
+def test_alerts_route_bad_parameters_get_a_400(client, query, message):
+    response = client.get(f"{BASE}/alerts", query_string=query)
+    assert response.status_code == 400 and response.headers["Content-Type"].startswith("text/plain")
+    assert message in response.get_data(as_text=True)
+
+
+def test_alerts_are_written_as_documented(logdir, tmp_path):
+    """The event file holds string tensors of encoded alerts; RunOutputs forwards from the background writer."""
+    accumulator = read_events(logdir / "spiky")
+    assert read_alert_content(accumulator.SummaryMetadata(ALERT_TAG).plugin_data.content) == {"version": 1, "type": "alerts"}
+    # The multiplexer keeps both writes of SPIKE_STEP: the second repeats the first alert.
+    written = [(event.step, [decode_alert(element) for element in tensor_util.make_ndarray(event.tensor_proto).tolist()])
+               for event in accumulator.Tensors(ALERT_TAG)]
+    assert [(step, [number for _, number in alerts]) for step, alerts in written] == [(SPIKE_STEP, [1]), (SPIKE_STEP, [1, 2]), (4000, [3])]
+    assert written[1][1][1][0] == ALERTS[1] and np.isnan(written[2][1][0][0]["z"])
+
+    writer = SummaryWriter(str(tmp_path / "run"))
+    csv = L.pytorch.loggers.CSVLogger(str(tmp_path / "csv"))
+    outputs = RunOutputs(str(tmp_path / "heatmaps"), [TensorBoardSink(writer), LoggerSink(csv)], BackgroundWriter("alerts"))
+    outputs.log_alert({**ALERTS[0], "z": np.float32(40.5)}, SPIKE_STEP)  # a NumPy scalar is written as its number
+    outputs.close()
+    assert outputs.errors == 0 and outputs.writer.errors == 0
+    events = read_events(tmp_path / "run")
+    (event,) = events.Tensors(ALERT_TAG)
+    assert event.step == SPIKE_STEP
+    assert [decode_alert(element) for element in tensor_util.make_ndarray(event.tensor_proto).tolist()] == [(ALERTS[0], 1)]
+    Sink().log_alert(ALERTS[0], 0)  # the default: nothing
+    RunOutputs(str(tmp_path), [TensorBoardSink(writer)], None).log_alert(ALERTS[0], 0)  # not rank zero: nothing
+    writer.close()
 
 
 @pytest.mark.parametrize(
@@ -426,3 +520,136 @@ def test_probe_intervention_and_expert_matrices_are_written(tmp_path):
                 expected_missing = [[int(r), int(c), "not monitored"] for r, c in zip(*np.nonzero(npz["missing"]))]
                 assert content["missing"] == expected_missing
                 assert bool(expected_missing) == (tag == "matrices/activation_rms")
+
+
+# --- spikes: alerts, the z colouring, binned samples, the overview (the spiky run) ----------------------
+
+VIRIDIS_TOP = [253, 231, 37]     # the last anchor of the viridis map: a value at or above the colour bar's top
+DIVERGING_TOP = [178, 24, 43]    # the last anchor of the diverging map: z at or above the z colour bar's top
+MAGENTA = [230, 0, 126]          # NaN and +/-Inf
+
+
+def _row_pixels(canvas, row):
+    """The RGB of every pixel across the plot at the middle of heatmap row ``row`` (device pixel ratio 1)."""
+    return canvas.evaluate("""(c, row) => {
+        const d = c.dataset, rows = Number(d.rows);
+        const [left, top, width, height] = [d.plotLeft, d.plotTop, d.plotWidth, d.plotHeight].map(Number);
+        const y = Math.floor(top + height - (row + 0.5) * height / rows);
+        const data = c.getContext("2d").getImageData(left, y, width, 1).data;
+        const out = [];
+        for (let i = 0; i < width; i++) out.push([data[4 * i], data[4 * i + 1], data[4 * i + 2]]);
+        return out;
+    }""", row)
+
+
+def _hover_pixel(frame, canvas, x, row):
+    data = canvas.evaluate("c => ({...c.dataset})")
+    top, height, rows = float(data["plotTop"]), float(data["plotHeight"]), int(data["rows"])
+    canvas.hover(position={"x": float(data["plotLeft"]) + x + 0.5, "y": top + height - (row + 0.5) * height / rows})
+    tooltip = frame.locator("#lh-tooltip")
+    tooltip.wait_for(state="visible")
+    return tooltip.evaluate("t => ({...t.dataset})")
+
+
+def robust_z_reference(values, window=128, warmup=64, threshold=6.0, value_floor=1e-12, mad_floor=1e-3):
+    """The robust-z rule (issue 18, contract 3) written plainly with NumPy: z of each value, NaN where none."""
+    baseline, z = [], np.full(len(values), np.nan)
+    for index, value in enumerate(np.asarray(values, dtype=np.float64)):
+        if not np.isfinite(value):
+            continue
+        x = np.log(max(abs(value), value_floor))
+        if len(baseline) >= warmup:
+            window_values = np.array(baseline[-window:])
+            median = np.median(window_values)
+            z[index] = (x - median) / (1.4826 * max(np.median(np.abs(window_values - median)), mad_floor))
+            if abs(z[index]) > threshold:
+                continue  # a spike never enters the baseline
+        baseline.append(x)
+    return z
+
+
+def test_browser_a_planted_spike_among_5000_samples_is_drawn(dashboard):
+    page, frame, errors = dashboard
+    _show(frame, "spiky", "matrices/grad_norm", view="history")
+    canvas = frame.locator("canvas.lh-heatmap").first
+    data = canvas.evaluate("c => ({...c.dataset})")
+    width = int(float(data["plotWidth"]))
+    assert int(data["columns"]) == SPIKY_SAMPLES and int(data["bins"]) == width < SPIKY_SAMPLES  # several samples a pixel
+    values = spiky_values(1)[:, :, 1]
+    assert float(data["scaleMax"]) < values[SPIKE_STEP, 0]  # the spike is above the colour bar: drawn at its top
+    # Layer 0 (around 1e-3) sits at the bottom of the range; only the spike's pixel column is the top colour.
+    spike_x = [x for x, rgb in enumerate(_row_pixels(canvas, 0)) if rgb == VIRIDIS_TOP]
+    expected_x = SPIKE_STEP * width / SPIKY_SAMPLES
+    assert spike_x and all(abs(x - expected_x) <= 1.5 for x in spike_x), (spike_x, expected_x)
+    hovered = _hover_pixel(frame, canvas, spike_x[0], 0)
+    assert hovered["step"] == str(SPIKE_STEP) and np.float32(hovered["value"]) == values[SPIKE_STEP, 0]
+    assert int(hovered["binFirst"]) <= SPIKE_STEP <= int(hovered["binLast"])
+    # Layer 1's NaN is drawn magenta at its own pixel column.
+    nan_x = [x for x, rgb in enumerate(_row_pixels(canvas, 1)) if rgb == MAGENTA]
+    assert nan_x and all(abs(x - NAN_STEP * width / SPIKY_SAMPLES) <= 1.5 for x in nan_x), nan_x
+    assert _hover_pixel(frame, canvas, nan_x[0], 1)["value"] == "NaN"
+    # Any pixel column shows its most extreme sample: the one furthest from the row's median.
+    median = np.median(values[:, 1][np.isfinite(values[:, 1])])
+    for x in (100, 517, width - 3):
+        hovered = _hover_pixel(frame, canvas, x, 1)
+        covered = values[int(hovered["binFirst"]):int(hovered["binLast"]) + 1, 1]
+        assert np.float32(hovered["value"]) == covered[np.argmax(np.abs(covered - median))]
+    assert errors == []
+
+
+def test_browser_z_colouring_alert_markers_and_overview(dashboard, tmp_path):
+    page, frame, errors = dashboard
+    _show(frame, "spiky", "matrices/grad_norm", view="history")
+    frame.locator("#lh-color-by").select_option("z")
+    canvas = frame.locator("canvas.lh-heatmap").first
+    assert canvas.evaluate("c => c.dataset.color") == "z"
+    width = int(float(canvas.evaluate("c => c.dataset.plotWidth")))
+    values = spiky_values(1)[:, :, 1]
+    # The spike is red (z far above its own baseline) whatever its layer's scale; layer 1 is never that red.
+    spike_x = [x for x, rgb in enumerate(_row_pixels(canvas, 0)) if rgb == DIVERGING_TOP]
+    assert spike_x and all(abs(x - SPIKE_STEP * width / SPIKY_SAMPLES) <= 1.5 for x in spike_x), spike_x
+    assert DIVERGING_TOP not in _row_pixels(canvas, 1) and MAGENTA in _row_pixels(canvas, 1)
+    # The z shown equals the rule computed with NumPy, and is the largest |z| of the samples its pixel covers.
+    for row in (0, 1):
+        z = robust_z_reference(values[:, row])
+        for x in (5, 300, spike_x[0], width - 2):
+            hovered = _hover_pixel(frame, canvas, x, row)
+            step, first, last = int(hovered["step"]), int(hovered["binFirst"]), int(hovered["binLast"])
+            if x == 5:  # the first 64 values have no baseline yet
+                assert last < 64 and hovered["z"] == "no baseline yet"
+                continue
+            assert abs(float(hovered["z"]) - z[step]) <= 1e-4 * max(1.0, abs(z[step])), (row, x, hovered, z[step])
+            assert abs(z[step]) == np.nanmax(np.abs(z[first:last + 1]))
+    page.screenshot(path=str(tmp_path / "dashboard_z.png"))
+
+    # Alert markers above the heatmap (one per step), titled with step, signal, z and the first layer to leave
+    # its baseline.
+    markers = frame.locator(".lh-alert-marker")
+    assert markers.count() == 2
+    titles = [markers.nth(index).get_attribute("title") for index in range(2)]
+    assert titles[0].split("\n") == [
+        f"spike at step {SPIKE_STEP} · loss · z 40.5 · first: layer 0 · attn.q (grad_norm, from step {SPIKE_STEP - 2})",
+        f"spike at step {SPIKE_STEP} · grad_norm · z 12.3 · no layer named"]
+    assert titles[1] == "spike at step 4000 · loss · z NaN · no layer named"
+    assert frame.locator(".lh-alert-tick").count() == 2  # and on the step slider
+    markers.nth(0).click()
+    assert frame.locator("#lh-step-label").inner_text().startswith(f"step {SPIKE_STEP} (sample {SPIKE_STEP + 1} of")
+    marker_x = markers.nth(0).evaluate("m => m.offsetLeft")
+    assert abs(marker_x - (float(canvas.evaluate("c => c.dataset.plotLeft")) + SPIKE_STEP * width / SPIKY_SAMPLES)) <= 1.5
+    frame.locator(".lh-alert-tick").nth(1).click()
+    assert frame.locator("#lh-step").input_value() == "4000"
+
+    # The overview: every metric's layer x step, each with the alerts marked.
+    frame.locator("#lh-view").select_option("overview")
+    frame.locator("canvas.lh-heatmap").nth(1).wait_for()
+    panels = frame.locator("canvas.lh-heatmap")
+    assert sorted(panels.nth(index).get_attribute("data-tag") for index in range(panels.count())) == list(SPIKY_TAGS)
+    assert frame.locator(".lh-alert-marker").count() == 2 * 2
+    page.screenshot(path=str(tmp_path / "dashboard_overview.png"))
+    first = frame.locator("canvas.lh-heatmap").first  # a click opens that metric's layer x step view
+    first.click(position=_cell_position(first, 1, 10))
+    assert frame.locator("#lh-view").input_value() == "history"
+    assert frame.locator("#lh-tag").input_value() == first.get_attribute("data-tag") == SPIKY_TAGS[0]
+    for control, value in [("#lh-color-by", "value"), ("#lh-view", "matrix")]:
+        frame.locator(control).select_option(value)
+    assert errors == []

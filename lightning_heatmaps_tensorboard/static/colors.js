@@ -2,6 +2,7 @@
 
 export const MISSING_COLOR = [217, 217, 217];   // grey: no such component, or a frozen one
 export const NONFINITE_COLOR = [230, 0, 126];   // magenta: NaN or +/-Inf (as in the PNG images)
+export const BLANK_COLOR = [128, 128, 128];     // mid grey: no value to colour yet (a z with no baseline yet)
 
 // Anchor colours, evenly spaced from 0 to 1; 256 colours are interpolated between them.
 const ANCHORS = {

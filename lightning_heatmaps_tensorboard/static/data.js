@@ -1,4 +1,4 @@
-// Reading the plugin's routes: the run/tag listing (JSON) and a time series of matrices (binary).
+// Reading the plugin's routes: the run/tag listing (JSON), a time series of matrices (binary), a run's alerts (JSON).
 
 const HEADER_BYTES = 20;  // "LHMV", version, samples, rows, columns (uint32, little-endian)
 
@@ -6,6 +6,15 @@ export async function fetchRuns() {
   const response = await fetch("runs");
   if (!response.ok) {
     throw new Error(`runs: ${response.status} ${await response.text()}`);
+  }
+  return response.json();
+}
+
+// A run's spike alerts: {alerts: [record, ...] in step order, kept, written} (see plugin.py's /alerts).
+export async function fetchAlerts(run) {
+  const response = await fetch(`alerts?${new URLSearchParams({run})}`);
+  if (!response.ok) {
+    throw new Error(`alerts: ${response.status} ${await response.text()}`);
   }
   return response.json();
 }

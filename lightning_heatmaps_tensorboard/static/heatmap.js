@@ -2,11 +2,16 @@
 // smoothing, axis labels, a colour bar with the metric's name, and hit testing for the tooltip.
 //
 // Rows are layers, the first at the bottom (as in the PNG images). The plot's geometry is published on the
-// canvas as data attributes (data-plot-left, -top, -width, -height, data-rows, data-columns) so that
-// scripts and tests can find the pixel of a cell.
+// canvas as data attributes (data-plot-left, -top, -width, -height, data-rows, data-columns, data-bins) so
+// that scripts and tests can find the pixel of a cell.
+//
+// A spike never hides: when there are more columns (samples) than pixel columns, the columns are binned,
+// one bin per pixel column, and each bin of each row draws its most extreme column, the one with the
+// highest spec.score(row, column) (the first of equals); the spec decides what extreme means (see
+// dashboard.js). Hovering a bin describes the column it draws.
 
 import {FONT, prepareCanvas} from "./canvas.js";
-import {MISSING_COLOR, NONFINITE_COLOR, colorTable, formatShort, formatStep, niceTicks} from "./colors.js";
+import {BLANK_COLOR, MISSING_COLOR, NONFINITE_COLOR, colorTable, formatShort, formatStep, niceTicks} from "./colors.js";
 const COLOR_BAR_WIDTH = 14;
 
 export class Heatmap {
@@ -17,7 +22,9 @@ export class Heatmap {
   }
 
   // spec: {title, metric, rows, columns, rowLabels, columnLabels | columnSteps, value(r, c), missing(r, c),
-  //        scale: ColorScale, cmap, xAxis, yAxis}
+  //        scale: ColorScale, cmap, xAxis, yAxis, and optionally: score(r, c) (how extreme a cell is, for
+  //        binning), blank(r, c) (no value to colour yet: drawn BLANK_COLOR), marker (a column to mark),
+  //        legend (the colour bar's label), topMargin (room above the plot, for alert markers)}
   draw(spec, cssWidth, cssHeight) {
     const started = performance.now();
     this.spec = spec;
@@ -31,28 +38,51 @@ export class Heatmap {
       : 10;
     const rotate = spec.columnLabels && spec.columns * 14 > 0 && columnLabelWidth + 6 > (cssWidth - left - 90) / spec.columns;
     const bottom = 34 + (rotate ? Math.min(columnLabelWidth, 120) : 14);
-    const top = 26;
+    const top = spec.topMargin || 26;
     const right = 126;
     const width = Math.max(40, cssWidth - left - right);
     const height = Math.max(40, cssHeight - top - bottom);
     this.plot = {left, top, width, height};
+    // One bin per pixel column when the columns outnumber them (each bin then covers one or more columns).
+    const bins = spec.columns > Math.floor(width) ? Math.floor(width) : spec.columns;
+    this.bins = bins;
+    this.picked = bins < spec.columns ? new Int32Array(spec.rows * bins) : null;
     for (const [key, value] of Object.entries({plotLeft: left, plotTop: top, plotWidth: width, plotHeight: height,
-                                                rows: spec.rows, columns: spec.columns, scaleMin: spec.scale.min,
+                                                rows: spec.rows, columns: spec.columns, bins, scaleMin: spec.scale.min,
                                                 scaleMax: spec.scale.max, scaleLog: spec.scale.log})) {
       canvas.dataset[key] = String(value);
     }
 
-    // The cells: one pixel per cell, then scaled (nearest neighbour, so every cell keeps its exact colour).
-    const image = new ImageData(Math.max(1, spec.columns), Math.max(1, spec.rows));
+    // The cells: one pixel per cell (per bin), then scaled (nearest neighbour, so every cell keeps its exact
+    // colour).
+    const image = new ImageData(Math.max(1, bins), Math.max(1, spec.rows));
     const pixels = image.data;
     const table = colorTable(spec.cmap);
     for (let row = 0; row < spec.rows; row++) {
       const line = spec.rows - 1 - row;
-      for (let column = 0; column < spec.columns; column++) {
-        const offset = 4 * (line * spec.columns + column);
+      for (let bin = 0; bin < bins; bin++) {
+        const offset = 4 * (line * bins + bin);
+        let column = bin;
+        if (this.picked) {
+          const [first, end] = [this.binStart(bin), this.binStart(bin + 1)];
+          column = first;
+          if (spec.score) {
+            let best = spec.score(row, first);
+            for (let candidate = first + 1; candidate < end; candidate++) {
+              const score = spec.score(row, candidate);
+              if (score > best) {
+                best = score;
+                column = candidate;
+              }
+            }
+          }
+          this.picked[row * bins + bin] = column;
+        }
         let rgb;
         if (spec.missing(row, column)) {
           rgb = MISSING_COLOR;
+        } else if (spec.blank && spec.blank(row, column)) {
+          rgb = BLANK_COLOR;
         } else {
           const index = spec.scale.index(spec.value(row, column));
           if (index < 0) {
@@ -84,7 +114,7 @@ export class Heatmap {
     context.strokeRect(left - 0.5, top - 0.5, width + 1, height + 1);
     if (spec.marker !== undefined && spec.marker !== null && spec.columns) {
       // The slider's sample, over steps: a thin outlined column.
-      const x = left + ((spec.marker + 0.5) * width) / spec.columns;
+      const x = this.columnCenter(spec.marker);
       context.strokeStyle = "rgba(255, 255, 255, 0.9)";
       context.lineWidth = 3;
       context.beginPath();
@@ -177,11 +207,25 @@ export class Heatmap {
     context.translate(x + COLOR_BAR_WIDTH + 84, y + height / 2);
     context.rotate(Math.PI / 2);
     context.textAlign = "center";
-    context.fillText(spec.metric + (spec.scale.log ? " (log)" : ""), 0, 0);
+    context.fillText(spec.legend || spec.metric + (spec.scale.log ? " (log)" : ""), 0, 0);
     context.restore();
   }
 
-  // The cell under a point in CSS pixels of the canvas, or null.
+  // The first column of a bin (bin = bins gives the end of the last one): column c is in bin
+  // floor(c * bins / columns).
+  binStart(bin) {
+    return Math.floor((bin * this.spec.columns + this.bins - 1) / this.bins);
+  }
+
+  // The x (CSS pixels of the canvas) of the middle of the pixel column that draws `column`.
+  columnCenter(column) {
+    const {left, width} = this.plot;
+    const bin = Math.floor((column * this.bins) / this.spec.columns);
+    return left + ((bin + 0.5) * width) / this.bins;
+  }
+
+  // The cell under a point in CSS pixels of the canvas, or null: {row, column} of the cell drawn there, and
+  // when columns are binned, first and last: the columns its bin covers.
   cellAt(x, y) {
     if (!this.plot || !this.spec) {
       return null;
@@ -190,11 +234,14 @@ export class Heatmap {
     if (x < left || y < top || x >= left + width || y >= top + height) {
       return null;
     }
-    const column = Math.floor(((x - left) / width) * this.spec.columns);
+    const bin = Math.floor(((x - left) / width) * this.bins);
     const row = this.spec.rows - 1 - Math.floor(((y - top) / height) * this.spec.rows);
-    if (row < 0 || column < 0 || row >= this.spec.rows || column >= this.spec.columns) {
+    if (row < 0 || bin < 0 || row >= this.spec.rows || bin >= this.bins) {
       return null;
     }
-    return {row, column};
+    if (!this.picked) {
+      return {row, column: bin};
+    }
+    return {row, column: this.picked[row * this.bins + bin], first: this.binStart(bin), last: this.binStart(bin + 1) - 1};
   }
 }
