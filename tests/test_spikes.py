@@ -15,10 +15,12 @@ import pytest
 import scipy.stats
 import torch
 from lightning.pytorch.callbacks import Callback
+from tensorboard.util import tensor_util
 
 from conftest import TokenModel, make_trainer, read_events, scalar_series, tiny_llama, token_loader
 from lightning_heatmaps import ActivationHeatmap, GradientHeatmap, RobustBaseline, Sample, SpikeAlert, SpikeMonitor
 from lightning_heatmaps.spikes import first_departures, rank_departures
+from lightning_heatmaps_tensorboard.metadata import ALERT_TAG, decode_alert
 
 # --- the rule, against an independent computation -----------------------------------------------------
 
@@ -145,6 +147,9 @@ def test_planted_layer_fault_is_named_first_in_alerts_jsonl_events_and_scalars(t
     markdown = text[0].tensor_proto.string_val[0].decode()
     assert f"| 1 | 1 | {first['component']} | {first['metric']} |" in markdown
     assert scalar_series(events, "spike/alerts") == {record["step"]: 1.0}
+    (event,) = events.Tensors(ALERT_TAG)  # the dashboard's alert marker carries the same record
+    assert event.step == record["step"]
+    assert [decode_alert(e) for e in tensor_util.make_ndarray(event.tensor_proto).tolist()] == [(record, 1)]
     # spike/loss_z: the rule on the losses the run really had, computed independently.
     losses = [recorder.losses[step] for step in sorted(recorder.losses)]
     expected, _ = reference_z(losses, 32, 16, 6.0, 0.02)
