@@ -115,15 +115,23 @@ def read_content(content: bytes) -> dict[str, Any]:
         ...
         ValueError: matrix content version 99 is newer than this plugin reads (1): upgrade lightning-heatmaps.
     """
-    try:
-        parsed = json.loads(content.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"matrix content is not JSON ({error}).") from None
+    parsed = _parse_json("matrix", content)
     if not isinstance(parsed, dict) or not isinstance(parsed.get("version"), int):
         raise ValueError("matrix content has no version.")
-    if parsed["version"] > CONTENT_VERSION:
+    return _check_version("matrix", parsed, CONTENT_VERSION)
+
+
+def _parse_json(kind: str, content: bytes) -> Any:
+    try:
+        return json.loads(content.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{kind} content is not JSON ({error}).") from None
+
+
+def _check_version(kind: str, parsed: dict[str, Any], newest: int) -> dict[str, Any]:
+    if parsed["version"] > newest:
         raise ValueError(
-            f"matrix content version {parsed['version']} is newer than this plugin reads ({CONTENT_VERSION}): "
+            f"{kind} content version {parsed['version']} is newer than this plugin reads ({newest}): "
             "upgrade lightning-heatmaps."
         )
     return parsed
@@ -158,18 +166,10 @@ def read_alert_content(content: bytes) -> dict[str, Any]:
         ...
         ValueError: alert content version 2 is newer than this plugin reads (1): upgrade lightning-heatmaps.
     """
-    try:
-        parsed = json.loads(content.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"alert content is not JSON ({error}).") from None
+    parsed = _parse_json("alert", content)
     if not isinstance(parsed, dict) or parsed.get("type") != "alerts" or not isinstance(parsed.get("version"), int):
         raise ValueError("alert content has no version or is not of type 'alerts'.")
-    if parsed["version"] > ALERT_VERSION:
-        raise ValueError(
-            f"alert content version {parsed['version']} is newer than this plugin reads ({ALERT_VERSION}): "
-            "upgrade lightning-heatmaps."
-        )
-    return parsed
+    return _check_version("alert", parsed, ALERT_VERSION)
 
 
 def encode_alert(record: Mapping[str, Any], number: int) -> bytes:
