@@ -42,6 +42,12 @@ LOG_FLOOR = 1e-12
 MAD_FLOOR = 0.02
 #: MAD times this estimates the standard deviation of normal data (``1 / Phi^-1(3/4)``, rounded).
 MAD_SCALE = 1.4826
+#: Default accepted values per baseline.
+WINDOW = 128
+#: Default accepted values a baseline needs before its series can spike.
+WARMUP = 64
+#: Default robust z above which a value is a spike.
+THRESHOLD = 6.0
 
 
 def log_values(values: np.ndarray) -> np.ndarray:
@@ -116,7 +122,7 @@ class RobustBaseline:
         [0.0, 77.7]
     """
 
-    def __init__(self, size: int, window: int = 128, warmup: int = 64, mad_floor: float = MAD_FLOOR) -> None:
+    def __init__(self, size: int, window: int = WINDOW, warmup: int = WARMUP, mad_floor: float = MAD_FLOOR) -> None:
         self.size, self.window, self.warmup, self.mad_floor = size, window, warmup, mad_floor
         self._values = np.full((window, size), np.nan)  # log-values, a ring per series
         self._accepted = np.zeros(size, dtype=np.int64)  # values accepted over the run, per series
@@ -159,6 +165,35 @@ class RobustBaseline:
         if values.shape != self._values.shape:
             raise ValueError(f"saved baseline shape {values.shape} differs from this one's {self._values.shape}")
         self._values, self._accepted = values.copy(), accepted.copy()
+
+
+def robust_z_series(
+    values: Sequence[float] | np.ndarray,
+    window: int = WINDOW,
+    warmup: int = WARMUP,
+    threshold: float = THRESHOLD,
+    mad_floor: float = MAD_FLOOR,
+) -> np.ndarray:
+    """The robust z of every value of one series against its own earlier values (module rule), in order.
+
+    The dashboard's "z against its own baseline" colouring computes exactly this (``static/baseline.js``).
+
+    Returns:
+        One z per value: NaN while the baseline holds fewer than ``warmup`` values and where the value is
+        not finite.
+
+    Example:
+        >>> robust_z_series([1.0, 1.0, 1.0, 3.0, 1.0], window=4, warmup=3).round(1).tolist()
+        [nan, nan, nan, 37.1, 0.0]
+    """
+    baseline = RobustBaseline(size=1, window=window, warmup=warmup, mad_floor=mad_floor)
+    z = np.full(len(values), np.nan)
+    for index, value in enumerate(np.asarray(values, dtype=np.float64)):
+        ready = bool(baseline.ready[0])
+        score = float(baseline.update(np.array([value]), threshold)[0])
+        if ready:
+            z[index] = score
+    return z
 
 
 def first_departures(steps: np.ndarray, z: np.ndarray, lower: float) -> tuple[np.ndarray, np.ndarray]:
