@@ -358,3 +358,25 @@ def test_ddp_an_alert_on_one_ranks_nan_is_seen_by_all_ranks(tmp_path, mode):
     assert last_step == 16
     (npz,) = glob.glob(str(tmp_path / "**" / "activation_rms" / "layer_x_step.npz"), recursive=True)
     assert np.load(npz)["steps"].tolist() == [0, 4, 8, 9, 10, 11, 12]  # dense capture on every rank, no hang
+
+
+def _comparable(record):
+    """An alert record with its floats rounded to 4 significant digits (sharded sums add in another order)."""
+    def rounded(value):
+        return None if value is None else float(f"{value:.4g}")
+    return {**record, "value": rounded(record["value"]), "baseline": rounded(record["baseline"]), "z": rounded(record["z"]),
+            "layers": [{**cell, "z": rounded(cell["z"])} for cell in record["layers"]]}
+
+
+def test_fsdp2_alerts_equal_the_one_process_run_on_the_same_global_batch(tmp_path):
+    """ModelParallelStrategy(data_parallel_size=2) with fully_shard, gloo: a planted layer fault gives, on both
+    ranks, the alert of one process on the same global batch (layers, first steps, z to 4 digits)."""
+    script = os.path.join(os.path.dirname(__file__), "spike_sharded_script.py")
+    for mode in ("single", "fsdp2"):
+        done = subprocess.run([sys.executable, script, str(tmp_path), mode], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    single = json.load(open(tmp_path / "single" / "rank0.json"))["alerts"]
+    ranks = [json.load(open(tmp_path / "fsdp2" / f"rank{rank}.json"))["alerts"] for rank in (0, 1)]
+    assert len(single) == 1 and single[0]["step"] == 14 and single[0]["layers"][0]["layer"] == "1", single
+    assert ranks[0] == ranks[1]
+    assert [_comparable(record) for record in ranks[0]] == [_comparable(record) for record in single]
