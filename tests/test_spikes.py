@@ -358,6 +358,14 @@ def test_ddp_an_alert_on_one_ranks_nan_is_seen_by_all_ranks(tmp_path, mode):
     assert last_step == 16
     (npz,) = glob.glob(str(tmp_path / "**" / "activation_rms" / "layer_x_step.npz"), recursive=True)
     assert np.load(npz)["steps"].tolist() == [0, 4, 8, 9, 10, 11, 12]  # dense capture on every rank, no hang
+    # Collectives per step, counted in each rank's process (the broadcast on every step, sampled or not, is not
+    # the sampling path's): a sampled step has the ActivationHeatmap sample's all-gather and SpikeAlert's one
+    # all-reduce for its check (GradientHeatmap's DDP gradients are replicated: no collective); others none.
+    sampled = {0, 4, 8, 9, 10, 11, 12}
+    for rank in ranks:
+        ours = {int(step): [name for name in names if name != "broadcast"] for step, names in rank["collectives"].items()}
+        assert {step: names for step, names in ours.items() if names} == {
+            step: ["all_gather_into_tensor", "all_reduce"] for step in sampled}
 
 
 def _comparable(record):
