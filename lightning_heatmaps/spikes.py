@@ -18,6 +18,10 @@ The rule, for one series with values ``v_1, v_2, ...``:
 4. A value is a spike when the baseline holds at least ``warmup`` values and ``z_t > threshold``. Spikes
    are upward only: a series that falls (the loss going down) never alerts. A value that is NaN or infinite
    is always reported, warm-up or not (its z is NaN; it never enters the baseline).
+5. (:class:`SpikeMonitor`) The loss alerts on one spiking value; a sampled signal (the global gradient norm,
+   a layer series) only when it spikes on ``confirm_samples`` (2) consecutive samples of its own, dated at
+   the first: single-batch excursions of those diagnostics with the loss flat are noise in clean runs
+   (``benchmarks/RESULTS.md``), a layer that really changed stays changed.
 
 Example:
     >>> baseline = RobustBaseline(size=1, window=8, warmup=4)
