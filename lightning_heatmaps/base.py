@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import lightning.pytorch as pl
 import numpy as np
@@ -23,7 +23,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_heatmaps.distributed import check_strategy, check_tensor_placement, register_fsdp1_shards
+from lightning_heatmaps.distributed import (append_payload, check_strategy, check_tensor_placement, register_fsdp1_shards,
+                                            split_payload)
 from lightning_heatmaps.layers import LayerMap, ModuleSelection, layer_tags, resolve_layers, selection_key
 from lightning_heatmaps.reductions import ALL_COMPONENTS, MetricDefinition, metric_table
 from lightning_heatmaps.render import metric_images
@@ -79,6 +80,16 @@ class Sample:
 
 
 SampleListener = Callable[[Sample], None]
+
+
+class CollectiveContributor(Protocol):
+    """Values that ride along in a sample's one collective (see :meth:`HeatmapCallback.add_collective_contributor`)."""
+
+    def collective_values(self, step: int) -> torch.Tensor | None:
+        """This rank's values to sum over ranks at the sample of ``step`` (1-D), or ``None`` (nothing this time)."""
+
+    def collective_result(self, step: int, summed: torch.Tensor) -> None:
+        """The values of :meth:`collective_values` summed over ranks (every rank gets the same)."""
 
 
 @dataclass
@@ -186,6 +197,7 @@ class HeatmapCallback(Callback):
         self._active = False
         self._collecting = False  # inside a sampled micro-batch's forward, before its backward
         self._listeners: list[SampleListener] = []
+        self._contributors: list[CollectiveContributor] = []
         self._dense_request = 0  # steps of dense capture asked for, starting at the next optimizer step
         self._dense_until = -1  # steps < this are sampled whatever every_n_steps says
         #: Samples recorded, and CPU seconds the background writer spent on them (scalars, images, files).
@@ -234,6 +246,45 @@ class HeatmapCallback(Callback):
         """Stop calling ``listener`` (no error if it was not registered)."""
         if listener in self._listeners:
             self._listeners.remove(listener)
+
+    def add_collective_contributor(self, contributor: CollectiveContributor) -> None:
+        """Let ``contributor`` add values to this callback's per-sample collective, when the sample has one.
+
+        Under DDP/FSDP2 a sample whose numbers are pooled over ranks (activations; sharded gradients) runs one
+        collective. At each such sample, ``contributor.collective_values(step)`` is asked for a 1-D tensor;
+        its values are appended to the tensor already being reduced, summed over ranks, and handed back with
+        ``contributor.collective_result(step, summed)`` before the sample is delivered. No extra collective.
+        Samples without a collective (one process; replicated DDP gradients) do not call it. Every rank must
+        register the same contributors and return values of the same length.
+
+        Example:
+            >>> callback = ActivationHeatmap()  # doctest: +SKIP
+            >>> callback.add_collective_contributor(spike_alert)  # doctest: +SKIP
+        """
+        self._contributors.append(contributor)
+
+    def remove_collective_contributor(self, contributor: CollectiveContributor) -> None:
+        """Stop asking ``contributor`` (no error if it was not registered)."""
+        if contributor in self._contributors:
+            self._contributors.remove(contributor)
+
+    def _with_contributions(self, rows: torch.Tensor) -> tuple[torch.Tensor, list[tuple[CollectiveContributor, int]]]:
+        """``rows`` with every contributor's values appended (the subclass then runs its one collective)."""
+        taken = []
+        for contributor in self._contributors:
+            values = contributor.collective_values(self._last_sampled_step)
+            if values is not None and values.numel():
+                taken.append((contributor, values.numel()))
+                rows = append_payload(rows, values)
+        return rows, taken
+
+    def _take_contributions(self, pooled: torch.Tensor, rows: int, taken: list[tuple[CollectiveContributor, int]]) -> torch.Tensor:
+        """Hands each contributor its summed values back; returns the sample's own ``rows`` rows."""
+        row = rows
+        for contributor, length in taken:
+            values, row = split_payload(pooled, row, length)
+            contributor.collective_result(self._last_sampled_step, values)
+        return pooled[:rows]
 
     def sample_history(self, metric: str) -> tuple[np.ndarray, np.ndarray]:
         """Copies of ``(steps, values)`` of ``metric`` (a full name of :attr:`metric_names`), oldest first.

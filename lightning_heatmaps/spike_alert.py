@@ -126,6 +126,9 @@ class SpikeAlert(Callback):
         self._own_grad_norm = False
         self._outputs: RunOutputs | None = None
         self._period = 1
+        # (step, losses, their mean over ranks once the sample's collective returned it)
+        self._carried: tuple[int, int, torch.Tensor | None] | None = None
+        self._world = 1
 
     @property
     @override
@@ -157,6 +160,7 @@ class SpikeAlert(Callback):
         self._heatmaps = [callback for callback in callbacks if isinstance(callback, HeatmapCallback)]
         for callback in self._heatmaps:
             callback.add_sample_listener(self._on_sample)
+            callback.add_collective_contributor(self)  # the check's values ride in the sample's collective
         if self._heatmaps:
             # Run after the heatmap callbacks in each hook, so a step's samples have arrived when it is checked.
             last = max(callbacks.index(callback) for callback in self._heatmaps)
@@ -184,6 +188,7 @@ class SpikeAlert(Callback):
             return
         for callback in self._heatmaps:
             callback.remove_sample_listener(self._on_sample)
+            callback.remove_collective_contributor(self)
         if self._outputs is not None:
             self._outputs.close()
             self._outputs = None
@@ -213,11 +218,18 @@ class SpikeAlert(Callback):
                 self._grad_sumsq = (sumsq, sharded)
 
     @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        # Automatic optimization: the loss is recorded here, before the heatmap callbacks' sample (and its
+        # collective) in on_train_batch_end, so the step's own loss can ride in that collective.
+        if pl_module.automatic_optimization and loss.numel() == 1:
+            self._record_loss(loss.detach().reshape(()))
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loss = outputs if isinstance(outputs, torch.Tensor) else outputs.get("loss") if isinstance(outputs, Mapping) else None
-        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        if not pl_module.automatic_optimization and isinstance(loss, torch.Tensor) and loss.numel() == 1:
             self._record_loss(loss.detach().reshape(()))
         step = self._batch_step
         if trainer.global_step == step:  # gradient accumulation: the optimizer step has not happened yet
@@ -246,19 +258,41 @@ class SpikeAlert(Callback):
 
     # --- the check ------------------------------------------------------------------------------------
 
-    def _check(self, trainer: pl.Trainer, step: int) -> None:
+    def _check_values(self) -> torch.Tensor:
+        """This rank's losses since the last check, then (if computed here) the gradient's sum of squares."""
         count = len(self._loss_steps)
         parts = [self._losses[:count].float()] if self._losses is not None and count else []
-        grad = self._grad_sumsq
-        self._grad_sumsq = None
-        world = distributed_world()
-        if grad is not None:
-            sumsq, sharded = grad
+        if self._grad_sumsq is not None:
+            sumsq, sharded = self._grad_sumsq
             # Sharded gradients add up over ranks, replicated ones are equal: scaled so the mean gives either.
+            world = distributed_world()
             parts.append((sumsq * world if sharded else sumsq).float().reshape(1).to(parts[0].device if parts else sumsq.device))
-        combined = torch.cat(parts) if parts else torch.zeros(0)
-        if world > 1:
-            combined = mean_over_ranks(combined)  # the check's one collective: every rank joins, same steps
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def collective_values(self, step: int) -> torch.Tensor | None:
+        """A heatmap callback's sample at ``step`` runs a collective: the check's values ride along (public
+        :class:`~lightning_heatmaps.base.CollectiveContributor` protocol). Once per step, on checked steps."""
+        if step != self._batch_step or (self._carried is not None and self._carried[0] == step):
+            return None
+        if not self._is_check_step(step):
+            return None
+        self._carried = (step, len(self._loss_steps), None)
+        return self._check_values()
+
+    def collective_result(self, step: int, summed: torch.Tensor) -> None:
+        self._carried = (step, self._carried[1], summed / distributed_world())
+
+    def _check(self, trainer: pl.Trainer, step: int) -> None:
+        count = len(self._loss_steps)
+        grad = self._grad_sumsq
+        carried, self._carried = self._carried, None
+        if carried is not None and carried[0] == step and carried[1] == count and carried[2] is not None:
+            combined = carried[2]  # the mean over ranks, from the heatmap sample's collective: none of our own
+        else:
+            combined = self._check_values()
+            if distributed_world() > 1:
+                combined = mean_over_ranks(combined)  # alone: the check's one collective; every rank joins
+        self._grad_sumsq = None
         values = combined.tolist()  # the check's one host read
         losses, steps = values[:count], self._loss_steps
         self._loss_steps = []

@@ -1,6 +1,8 @@
 """Run by tests/test_spikes.py in a subprocess: 2-rank DDP (gloo) with SpikeAlert; rank 1's loss is NaN at step 5.
 
-    python tests/spike_ddp_script.py OUT_DIR warn|stop
+    python tests/spike_ddp_script.py OUT_DIR warn|stop|alone
+
+``alone``: SpikeAlert without heatmap callbacks (it checks every ``log_every_n_steps``), ``on_spike="warn"``.
 
 The NaN is added to the loss's value only (a detached term): the gradients stay finite, so only rank 1's
 reported loss is bad. Each rank writes ``rank<r>.json`` with the alerts it took, its last step and the
@@ -76,13 +78,14 @@ class Report(Callback):
 def main() -> None:
     out_dir, mode = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
-    alert = SpikeAlert(on_spike=mode, dense_capture_steps=3)
+    alert = SpikeAlert(on_spike="warn" if mode == "alone" else mode, dense_capture_steps=3)
     activation = ActivationHeatmap(every_n_steps=4)
+    heatmaps = [] if mode == "alone" else [activation, GradientHeatmap(every_n_steps=4)]
     trainer = L.Trainer(
         default_root_dir=out_dir, max_steps=16, accelerator="cpu", devices=2, strategy="ddp_spawn",
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=4,
         use_distributed_sampler=False,
-        callbacks=[StepMarker(), alert, activation, GradientHeatmap(every_n_steps=4), Report(out_dir, alert)],
+        callbacks=[StepMarker(), alert, *heatmaps, Report(out_dir, alert)],
     )
     trainer.fit(NanOnRankOne(tiny_llama(2), lr=1e-3))
 

@@ -359,13 +359,28 @@ def test_ddp_an_alert_on_one_ranks_nan_is_seen_by_all_ranks(tmp_path, mode):
     (npz,) = glob.glob(str(tmp_path / "**" / "activation_rms" / "layer_x_step.npz"), recursive=True)
     assert np.load(npz)["steps"].tolist() == [0, 4, 8, 9, 10, 11, 12]  # dense capture on every rank, no hang
     # Collectives per step, counted in each rank's process (the broadcast on every step, sampled or not, is not
-    # the sampling path's): a sampled step has the ActivationHeatmap sample's all-gather and SpikeAlert's one
-    # all-reduce for its check (GradientHeatmap's DDP gradients are replicated: no collective); others none.
-    sampled = {0, 4, 8, 9, 10, 11, 12}
-    for rank in ranks:
-        ours = {int(step): [name for name in names if name != "broadcast"] for step, names in rank["collectives"].items()}
-        assert {step: names for step, names in ours.items() if names} == {
-            step: ["all_gather_into_tensor", "all_reduce"] for step in sampled}
+    # the sampling path's): a sampled step has the ActivationHeatmap sample's one all-gather, which also carries
+    # SpikeAlert's losses (GradientHeatmap's DDP gradients are replicated: no collective); other steps none.
+    assert _our_collectives(ranks) == {step: ["all_gather_into_tensor"] for step in (0, 4, 8, 9, 10, 11, 12)}
+
+
+def _our_collectives(ranks):
+    """Per step, the collectives of the sampling path and SpikeAlert (the same on both ranks)."""
+    found = [{int(step): [name for name in names if name != "broadcast"] for step, names in rank["collectives"].items()}
+             for rank in ranks]
+    assert found[0] == found[1]
+    return {step: names for step, names in found[0].items() if names}
+
+
+def test_ddp_spike_alert_alone_uses_one_all_reduce_per_check(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "spike_ddp_script.py")
+    done = subprocess.run([sys.executable, script, str(tmp_path), "alone"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.load(open(tmp_path / f"rank{rank}.json")) for rank in (0, 1)]
+    assert ranks[0]["alerts"] == ranks[1]["alerts"]
+    (record,) = ranks[0]["alerts"]
+    assert (record["step"], record["signal"], record["nonfinite"], record["checked_at"]) == (5, "loss", True, 8)
+    assert _our_collectives(ranks) == {step: ["all_reduce"] for step in (0, 4, 8, 12)}  # every log_every_n_steps
 
 
 def _comparable(record):
