@@ -72,6 +72,7 @@ class TimedSpikeAlert(SpikeAlert):
         return hook
 
     on_train_batch_start = _timed("on_train_batch_start")
+    on_before_backward = _timed("on_before_backward")
     on_before_optimizer_step = _timed("on_before_optimizer_step")
     on_train_batch_end = _timed("on_train_batch_end")
     _on_sample = _timed("_on_sample")
