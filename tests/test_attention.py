@@ -1,0 +1,256 @@
+"""AttentionHeatmap against an independent reference computed from the model's own pieces.
+
+The reference captures each attention's q and k projection outputs with forward hooks, applies the model's
+rotary embedding (its own ``position_embeddings`` with the modeling module's public ``apply_rotary_pos_emb``),
+masks as the family does (causal, sliding window, padding), and takes the entropy from the eager
+``output_attentions=True`` probabilities of the same forward. The callback's values are read back from the
+npz files and event files a user reads.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_heatmaps import AttentionHeatmap, attention_statistics
+from lightning_heatmaps.attention import allowed_keys
+
+from conftest import VOCAB, make_trainer, read_events, scalar_series, token_loader
+
+def _build(cls, config, implementation):
+    model = cls(config)
+    model.set_attn_implementation(implementation)
+    return model
+
+
+FAMILIES = {
+    "llama": lambda impl: _build(T.LlamaForCausalLM, T.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=64), impl),
+    "gpt2": lambda impl: _build(T.GPT2LMHeadModel, T.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0,
+        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, scale_attn_by_inverse_layer_idx=True), impl),
+    "gemma2": lambda impl: _build(T.Gemma2ForCausalLM, T.Gemma2Config(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, vocab_size=VOCAB, max_position_embeddings=64, sliding_window=4, attn_logit_softcapping=1.5,
+        query_pre_attn_scalar=16, final_logit_softcapping=None), impl),
+    "bert": lambda impl: _build(T.BertForMaskedLM, T.BertConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), impl),
+    "bart": lambda impl: _build(T.BartForConditionalGeneration, T.BartConfig(
+        d_model=32, encoder_ffn_dim=48, decoder_ffn_dim=48, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=64,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, decoder_start_token_id=2), impl),
+}
+
+
+class PaddedModel(L.LightningModule):
+    """A Hugging Face model trained on (tokens, attention mask) batches with right padding."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def inputs(self, batch):
+        ids, mask = batch
+        kwargs = dict(input_ids=ids, attention_mask=mask)
+        if self.model.config.is_encoder_decoder:
+            kwargs.update(decoder_input_ids=ids, decoder_attention_mask=mask)
+        return kwargs
+
+    def training_step(self, batch, batch_idx):
+        logits = self.model(**self.inputs(batch)).logits
+        return logits.float().logsumexp(-1).mean() + logits.float().square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def padded_loader(batches=3, batch_size=3, length=12, seed=0, padded=True):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batches * batch_size, length), generator=generator)
+    mask = torch.ones_like(ids)
+    if padded:
+        for row in range(len(ids)):
+            mask[row, length - row % 4 * 2 :] = 0  # 0, 2, 4 or 6 padding positions at the end
+    return torch.utils.data.DataLoader(list(zip(ids, mask)), batch_size=batch_size)
+
+
+# --- the independent reference ---------------------------------------------------------------------
+
+
+def _sites(model):
+    """(q module, k module, heads, kv heads, rope module or None, scale, kind, window, key source) per row, in
+    the callback's row order; kind is causal / bidirectional / cross."""
+    config = model.config
+    if isinstance(model, (T.LlamaForCausalLM, T.Gemma2ForCausalLM)):
+        scale = (config.query_pre_attn_scalar ** -0.5) if isinstance(model, T.Gemma2ForCausalLM) else config.head_dim ** -0.5
+        rows = []
+        for i, layer in enumerate(model.model.layers):
+            window = config.sliding_window if getattr(config, "layer_types", None) and config.layer_types[i] == "sliding_attention" else None
+            a = layer.self_attn
+            rows.append((a.q_proj, a.k_proj, config.num_attention_heads, config.num_key_value_heads, a, scale, "causal", window))
+        return rows
+    if isinstance(model, T.GPT2LMHeadModel):
+        head_dim = config.n_embd // config.n_head
+        return [(b.attn.c_attn, b.attn.c_attn, config.n_head, config.n_head, None, head_dim ** -0.5 / (i + 1), "causal", None)
+                for i, b in enumerate(model.transformer.h)]
+    if isinstance(model, T.BertForMaskedLM):
+        return [(l.attention.self.query, l.attention.self.key, 4, 4, None, 8 ** -0.5, "bidirectional", None)
+                for l in model.bert.encoder.layer]
+    rows = [(l.self_attn.q_proj, l.self_attn.k_proj, 4, 4, None, 8 ** -0.5, "bidirectional", None) for l in model.model.encoder.layers]
+    for l in model.model.decoder.layers:
+        rows.append((l.self_attn.q_proj, l.self_attn.k_proj, 4, 4, None, 8 ** -0.5, "causal", None))
+        rows.append((l.encoder_attn.q_proj, l.encoder_attn.k_proj, 4, 4, None, 8 ** -0.5, "cross", None))
+    return rows
+
+
+def reference(model, kwargs):
+    """Per row and head: the exact max logit and mean row entropy, and the output logits' log Z mean and max |.|."""
+    sites = _sites(model)
+    outputs: dict[int, torch.Tensor] = {}
+    rope: dict[int, tuple] = {}
+    handles = []
+    for q, k, *_ in sites:
+        for module in (q, k):
+            handles.append(module.register_forward_hook(lambda m, a, o: outputs.setdefault(id(m), []).append(o.detach())))
+    for site in sites:
+        if site[4] is not None:
+            handles.append(site[4].register_forward_pre_hook(
+                lambda m, a, kw: rope.setdefault(id(m), kw["position_embeddings"]) and None, with_kwargs=True))
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            result = model(**kwargs, output_attentions=True)
+    finally:
+        model.set_attn_implementation(implementation)
+        for handle in handles:
+            handle.remove()
+    if model.config.is_encoder_decoder:
+        probabilities = [*result.encoder_attentions]
+        for self_, cross in zip(result.decoder_attentions, result.cross_attentions):
+            probabilities += [self_, cross]
+    else:
+        probabilities = list(result.attentions)
+    mask = kwargs["attention_mask"].bool()
+    queries_mask = kwargs.get("decoder_attention_mask", mask).bool()
+    calls: dict[int, int] = {}
+    maxima, entropies = [], []
+    for (q_mod, k_mod, heads, kv_heads, rope_owner, scale, kind, window), p in zip(sites, probabilities):
+        def take(module):
+            index = calls.get(id(module), 0)
+            calls[id(module)] = index + 1
+            return outputs[id(module)][index]
+        if q_mod is k_mod:  # GPT-2's fused c_attn
+            fused = take(q_mod)
+            q_out, k_out = fused.split(fused.shape[-1] // 3, dim=-1)[:2]
+        else:
+            q_out, k_out = take(q_mod), take(k_mod)
+        batch, length = q_out.shape[:2]
+        q = q_out.view(batch, length, heads, -1).transpose(1, 2)
+        k = k_out.view(batch, k_out.shape[1], kv_heads, -1).transpose(1, 2)
+        if rope_owner is not None:
+            module = sys.modules[type(rope_owner).__module__]
+            cos, sin = rope[id(rope_owner)]
+            q, k = module.apply_rotary_pos_emb(q, k, cos, sin)
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        logits = (q @ k.transpose(-1, -2)) * scale
+        keys = k.shape[2]
+        if kind == "cross":
+            allowed = mask[:, None, None, :].expand(batch, 1, length, keys)
+            rows = queries_mask
+        else:
+            key_mask = mask if kind == "bidirectional" else queries_mask
+            allowed = key_mask[:, None, None, :].expand(batch, 1, length, keys).clone()
+            position = torch.arange(length)
+            if kind == "causal":
+                allowed &= position[None, :] <= position[:, None]
+            if window is not None:
+                allowed &= position[None, :] > position[:, None] - window
+            rows = key_mask
+        counted = allowed & rows[:, None, :, None]
+        maxima.append(logits.masked_fill(~counted, -math.inf).amax(dim=(0, 2, 3)))
+        entropy = -(p * torch.where(p > 0, p.log(), 0.0)).sum(-1)  # [B, H, L]
+        weights = rows[:, None, :].float()
+        entropies.append((entropy * weights).sum(dim=(0, 2)) / weights.sum(dim=(0, 2)))
+    logits = result.logits.float()
+    log_z = torch.logsumexp(logits, -1)
+    output = (float(log_z[queries_mask].mean()), float(logits.abs()[queries_mask].max()))
+    return torch.stack(maxima).numpy(), torch.stack(entropies).numpy(), output
+
+
+class Reference(Callback):
+    """Records the reference at the start of each sampled step (before the AttentionHeatmap taps go in)."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.values: dict[int, tuple] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step % self.every == 0:
+            self.values[trainer.global_step] = reference(pl_module.model, pl_module.inputs(batch))
+
+
+def run(tmp_path, model, loader, steps=3, every=2, **options):
+    callback = AttentionHeatmap(every_n_steps=every, min_render_interval_seconds=0, **options)
+    ref = Reference(every)
+    trainer = make_trainer(tmp_path, [ref, callback], max_steps=steps)
+    trainer.fit(PaddedModel(model), loader)
+    return trainer, callback, ref
+
+
+def check_against_reference(trainer, callback, ref, labels):
+    log_dir = trainer.logger.log_dir
+    events = read_events(log_dir)
+    top = np.load(f"{log_dir}/heatmaps/attention_max_logit/layer_x_head.npz")
+    entropy = np.load(f"{log_dir}/heatmaps/attention_entropy/layer_x_head.npz")
+    last = max(ref.values)
+    assert int(top["step"]) == last and str(top["metric"]) == "attention_max_logit"
+    assert top["layer_labels"].tolist() == labels and top["component_labels"].tolist() == ["0", "1", "2", "3"]
+    assert not top["missing"].any()
+    expected_top, expected_entropy, (log_z, max_abs) = ref.values[last]
+    np.testing.assert_allclose(top["values"], expected_top, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(entropy["values"], expected_entropy, rtol=1e-5, atol=1e-6)
+    tags = callback._layer_tags
+    for step, (expected_top, expected_entropy, (log_z, max_abs)) in ref.values.items():
+        for row, tag in enumerate(tags):
+            assert scalar_series(events, f"attention_max_logit/{tag}/all")[step] == pytest.approx(expected_top[row].max(), rel=1e-5)
+        # the per-layer entropy is the row-weighted mean over heads: every head has the layer's rows
+        for row, tag in enumerate(tags):
+            assert scalar_series(events, f"attention_entropy/{tag}/all")[step] == pytest.approx(expected_entropy[row].mean(), rel=1e-5)
+        assert scalar_series(events, "output_logits/log_z_mean")[step] == pytest.approx(log_z, rel=1e-5)
+        assert scalar_series(events, "output_logits/max_abs")[step] == pytest.approx(max_abs, rel=1e-5)
+    per_layer = [t for t in events.Tags()["scalars"] if t.startswith("attention_")]
+    assert len(per_layer) == 2 * len(labels)  # a fixed number of tags: one per layer and metric, not per head
+    history = np.load(f"{log_dir}/heatmaps/attention_max_logit/layer_x_step.npz")
+    assert history["steps"].tolist() == sorted(ref.values)
+    np.testing.assert_allclose(history["values"][:, -1], ref.values[last][0].max(axis=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize(("family", "implementation", "labels"), [
+    ("llama", "eager", ["0", "1"]),
+    ("llama", "sdpa", ["0", "1"]),
+    ("gpt2", "sdpa", ["0", "1"]),
+    ("gemma2", "eager", ["0", "1"]),
+    ("bert", "sdpa", ["0", "1"]),
+    ("bart", "sdpa", ["enc.0", "enc.1", "dec.0", "dec_xattn.0", "dec.1", "dec_xattn.1"]),
+])
+def test_matches_reference_from_model_pieces(tmp_path, family, implementation, labels):
+    torch.manual_seed(0)
+    model = FAMILIES[family](implementation)
+    trainer, callback, ref = run(tmp_path, model, padded_loader())
+    assert sorted(ref.values) == [0, 2]
+    check_against_reference(trainer, callback, ref, labels)
+    assert model.config._attn_implementation == implementation  # restored: the model computes as it did
