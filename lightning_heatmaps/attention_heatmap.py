@@ -149,6 +149,7 @@ class AttentionHeatmap(HeatmapCallback):
         self._slots = len(layer_map.components)
         self._device = trainer.strategy.root_device
         self._taps = AttentionTaps(self.sites, self._record)
+        self._ever_seen = False
         self._lm_head: nn.Module | None = None
         if self.output_logits and self.sites.models:
             self._lm_head = self.sites.models[0].get_output_embeddings()
@@ -166,6 +167,7 @@ class AttentionHeatmap(HeatmapCallback):
 
     @override
     def _begin_sample(self, trainer: pl.Trainer) -> None:
+        self._seen = False
         stats = torch.zeros(3, self._slots + 1, device=self._device)
         stats[0] = -math.inf
         self._stats = stats
@@ -204,6 +206,7 @@ class AttentionHeatmap(HeatmapCallback):
                 sliding_window: int | None, softcap: float | None, query_rows: Tensor | None) -> None:
         if not self._collecting or self._stats is None:
             return
+        self._seen = True
         top, entropy, rows = attention_statistics(
             query, key, scale, mask, causal=causal, sliding_window=sliding_window, softcap=softcap,
             query_rows=query_rows, query_stride=self.query_stride, chunk_bytes=self.chunk_bytes,
@@ -240,6 +243,13 @@ class AttentionHeatmap(HeatmapCallback):
         stats, self._stats = self._stats, None
         if stats is None:
             return None
+        if not self._seen and self.sites is not None and self.sites.kind == "sdpa" and not self._ever_seen:
+            raise RuntimeError(
+                f"{type(self).__name__} saw no call of torch.nn.functional.scaled_dot_product_attention in the training "
+                f"forward of step {trainer.global_step} (blocks: {', '.join(self.sites.row_labels[:8])}). It looks for Hugging "
+                "Face attention modules, nn.MultiheadAttention, and calls of scaled_dot_product_attention inside the blocks."
+            )
+        self._ever_seen = self._ever_seen or self._seen
         if distributed_world() > 1:
             stats = pool_over_ranks(stats, [0])  # the sample's one collective: max of maxima, sums of the rest
         return stats, None

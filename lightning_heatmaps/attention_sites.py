@@ -82,6 +82,17 @@ def _heads_of(module: nn.Module, num_heads: int | None) -> int | None:
     return value if isinstance(value, int) else num_heads
 
 
+def _block_heads(block: nn.Module, num_heads: int | None) -> int | None:
+    """Heads of a plain block: ``num_heads`` if given, else the first head-count attribute of a module in it."""
+    if num_heads is not None:
+        return num_heads
+    for module in block.modules():
+        count = _heads_of(module, None)
+        if count is not None:
+            return count
+    return None
+
+
 def hf_models(model: nn.Module) -> list[nn.Module]:
     """The outermost Hugging Face ``PreTrainedModel`` instances in ``model`` (itself included)."""
     found: list[nn.Module] = []
@@ -146,8 +157,10 @@ def find_attention_sites(model: nn.Module, num_heads: int | None = None, first_l
                          if not any(other is not m and _contains(m, other) for _, other in candidates)]
             for name, module in found:
                 is_cross = any(SUBTREES.get(segment) == "xattn" for segment in name.split(".")) or name.endswith("multihead_attn")
-                count = _heads_of(module, num_heads) if kind != "sdpa" else _heads_of(block, num_heads)
+                count = _heads_of(module, num_heads) if kind != "sdpa" else _block_heads(block, num_heads)
                 if count is None:
+                    if kind == "sdpa":
+                        continue  # a block that says nothing of heads: not an attention block
                     raise ValueError(
                         f"AttentionHeatmap cannot tell how many heads {type(module).__name__} has: pass num_heads=..."
                     )
@@ -161,7 +174,8 @@ def find_attention_sites(model: nn.Module, num_heads: int | None = None, first_l
         raise ValueError(
             f"AttentionHeatmap found no attention it can see in {type(model).__name__}: it looks for Hugging Face "
             "attention modules (attn_implementation 'eager' or 'sdpa'), nn.MultiheadAttention, and, in a stack of "
-            "repeated blocks (an nn.ModuleList/nn.Sequential), calls of torch.nn.functional.scaled_dot_product_attention."
+            "repeated blocks (an nn.ModuleList/nn.Sequential) with a head count (a num_heads/n_heads attribute, or "
+            "AttentionHeatmap(num_heads=...)), calls of torch.nn.functional.scaled_dot_product_attention."
         )
     return AttentionSites(kind, labels, heads, modules, models, cross)
 

@@ -203,10 +203,10 @@ class Reference(Callback):
             self.values[trainer.global_step] = reference(pl_module.model, pl_module.inputs(batch))
 
 
-def run(tmp_path, model, loader, steps=3, every=2, **options):
+def run(tmp_path, model, loader, steps=3, every=2, extra=(), **options):
     callback = AttentionHeatmap(every_n_steps=every, min_render_interval_seconds=0, **options)
     ref = Reference(every)
-    trainer = make_trainer(tmp_path, [ref, callback], max_steps=steps)
+    trainer = make_trainer(tmp_path, [ref, callback, *extra], max_steps=steps)
     trainer.fit(PaddedModel(model), loader)
     return trainer, callback, ref
 
@@ -254,3 +254,262 @@ def test_matches_reference_from_model_pieces(tmp_path, family, implementation, l
     assert sorted(ref.values) == [0, 2]
     check_against_reference(trainer, callback, ref, labels)
     assert model.config._attn_implementation == implementation  # restored: the model computes as it did
+
+
+# --- plain models: a scaled_dot_product_attention call, nn.MultiheadAttention ---------------------------
+
+
+class SdpaBlock(nn.Module):
+    def __init__(self, width=16, num_heads=4):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x):
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.out(y.transpose(1, 2).reshape(batch, length, width))
+
+
+class PlainModel(L.LightningModule):
+    def __init__(self, block=SdpaBlock, checkpointing=False):
+        super().__init__()
+        self.blocks = nn.ModuleList([block(), block()])
+        self.checkpointing = checkpointing
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if self.checkpointing else block(x)
+        return x
+
+    def training_step(self, batch, batch_idx):
+        return self(batch).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class PlainReference(Callback):
+    """q and k from each block's own qkv projection, by torch ops: causal max logit and softmax entropy."""
+
+    def __init__(self):
+        self.values = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step % 2:
+            return
+        captured = []
+        handles = [b.qkv.register_forward_hook(lambda m, a, o: captured.append(o.detach())) for b in pl_module.blocks]
+        with torch.no_grad():
+            pl_module(batch)
+        for handle in handles:
+            handle.remove()
+        maxima, entropies = [], []
+        for out in captured:
+            batch_size, length, _ = out.shape
+            q, k, _ = out.view(batch_size, length, 3, 4, -1).permute(2, 0, 3, 1, 4)
+            logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            causal = torch.ones(length, length, dtype=torch.bool).tril()
+            logits = logits.masked_fill(~causal, -math.inf)
+            p = logits.softmax(-1)
+            maxima.append(logits.amax(dim=(0, 2, 3)))
+            entropies.append(-(p * torch.where(p > 0, p.log(), 0.0)).sum(-1).mean(dim=(0, 2)))
+        self.values[trainer.global_step] = (torch.stack(maxima).numpy(), torch.stack(entropies).numpy())
+
+
+def _latest(trainer, metric):
+    return np.load(f"{trainer.logger.log_dir}/heatmaps/attention_{metric}/layer_x_head.npz")["values"]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_plain_sdpa_model_matches_reference_and_checkpointing_is_not_seen(tmp_path, checkpointing):
+    torch.manual_seed(0)
+    model = PlainModel(checkpointing=checkpointing)
+    seen = []
+    callback = AttentionHeatmap(every_n_steps=2, min_render_interval_seconds=0)
+    callback.add_sample_listener(seen.append)
+    reference = PlainReference()
+    trainer = make_trainer(tmp_path, [reference, callback], max_steps=3)
+    trainer.fit(model, torch.utils.data.DataLoader(torch.randn(12, 6, 16), batch_size=4))
+    expected_top, expected_entropy = reference.values[2]
+    np.testing.assert_allclose(_latest(trainer, "max_logit"), expected_top, rtol=1e-5)
+    np.testing.assert_allclose(_latest(trainer, "entropy"), expected_entropy, rtol=1e-5)
+    assert [sample.step for sample in seen] == [0, 2]
+
+
+def test_recomputed_forward_during_backward_sees_no_taps(tmp_path):
+    """Activation checkpointing re-runs the forward during backward: the taps are gone by then."""
+    torch.manual_seed(0)
+    model = FAMILIES["llama"]("sdpa")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    during_backward = []
+
+    class InBackward(Callback):
+        inside = False
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            InBackward.inside = True
+
+        def on_after_backward(self, trainer, pl_module):
+            InBackward.inside = False
+
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_pre_hook(
+            lambda m, a: during_backward.append(model.config._attn_implementation) if InBackward.inside else None)
+    trainer, callback, ref = run(tmp_path, model, padded_loader(), extra=[InBackward()])
+    check_against_reference(trainer, callback, ref, ["0", "1"])
+    assert during_backward and set(during_backward) == {"sdpa"}  # recomputed with the model's own implementation
+
+
+class MultiheadModel(L.LightningModule):
+    """nn.TransformerEncoder (nn.MultiheadAttention inside) on padded vectors."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
+                                             num_layers=2, enable_nested_tensor=False)
+
+    def training_step(self, batch, batch_idx):
+        x, padding = batch
+        return self.encoder(x, src_key_padding_mask=padding).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_multihead_attention_with_padding_matches_its_own_weights(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(8, 7, 16)
+    padding = torch.zeros(8, 7, dtype=torch.bool)
+    padding[::2, 5:] = True
+    model = MultiheadModel()
+    values = {}
+
+    class Reference(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step % 2:
+                return
+            x, pad = batch
+            maxima, entropies = [], []
+            h = x
+            with torch.no_grad():
+                for layer in pl_module.encoder.layers:
+                    attention = layer.self_attn
+                    _, p = attention(h, h, h, key_padding_mask=pad, need_weights=True, average_attn_weights=False)
+                    w, b = attention.in_proj_weight, attention.in_proj_bias
+                    q = (h @ w[:16].T + b[:16]).view(8, 7, 2, 8).transpose(1, 2)
+                    k = (h @ w[16:32].T + b[16:32]).view(8, 7, 2, 8).transpose(1, 2)
+                    logits = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+                    keep = ~pad[:, None, :, None] & ~pad[:, None, None, :]
+                    maxima.append(logits.masked_fill(~keep, -math.inf).amax(dim=(0, 2, 3)))
+                    entropy = -(p * torch.where(p > 0, p.log(), 0.0)).sum(-1)
+                    rows = (~pad)[:, None, :].float()
+                    entropies.append((entropy * rows).sum(dim=(0, 2)) / rows.sum(dim=(0, 2)))
+                    h = layer(h, src_key_padding_mask=pad)
+            values[trainer.global_step] = (torch.stack(maxima).numpy(), torch.stack(entropies).numpy())
+
+    callback = AttentionHeatmap(every_n_steps=2, min_render_interval_seconds=0)
+    trainer = make_trainer(tmp_path, [Reference(), callback], max_steps=3)
+    trainer.fit(model, torch.utils.data.DataLoader(list(zip(x, padding)), batch_size=8))
+    np.testing.assert_allclose(_latest(trainer, "max_logit"), values[2][0], rtol=1e-5)
+    np.testing.assert_allclose(_latest(trainer, "entropy"), values[2][1], rtol=1e-5)
+
+
+# --- errors, NaN, the pure function ----------------------------------------------------------------------
+
+
+def test_no_attention_is_a_clear_error_at_fit_start(tmp_path):
+    class MLP(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+
+        def training_step(self, batch, batch_idx):
+            return self.blocks(batch).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = make_trainer(tmp_path, [AttentionHeatmap(every_n_steps=1)], max_steps=1)
+    with pytest.raises(ValueError, match="found no attention it can see in MLP: it looks for Hugging Face"):
+        trainer.fit(MLP(), torch.utils.data.DataLoader(torch.randn(4, 16), batch_size=4))
+
+    class Silent(nn.Module):  # says it has heads, but calls no attention function
+        num_heads = 2
+
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.linear(x)
+
+    trainer = make_trainer(tmp_path, [AttentionHeatmap(every_n_steps=1)], max_steps=1)
+    with pytest.raises(RuntimeError, match="saw no call of torch.nn.functional.scaled_dot_product_attention"):
+        trainer.fit(PlainModel(block=Silent), torch.utils.data.DataLoader(torch.randn(4, 6, 16), batch_size=4))
+
+
+def test_unmeasured_implementation_and_bad_arguments_are_refused(tmp_path):
+    model = FAMILIES["llama"]("flex_attention")
+    trainer = make_trainer(tmp_path, [AttentionHeatmap(every_n_steps=1)], max_steps=1)
+    with pytest.raises(ValueError, match="does not measure attn_implementation='flex_attention' of LlamaForCausalLM.*Supported: eager, sdpa"):
+        trainer.fit(PaddedModel(model), padded_loader())
+    with pytest.raises(ValueError, match=r"Invalid value for query_stride=0: must be an integer >= 1"):
+        AttentionHeatmap(query_stride=0)
+    with pytest.raises(ValueError, match=r"Invalid value for metrics='logit'"):
+        AttentionHeatmap(metrics="logit")
+
+
+def test_nan_logits_make_the_cell_nan_warn_once_and_training_goes_on(tmp_path):
+    torch.manual_seed(0)
+    model = FAMILIES["llama"]("sdpa")
+
+    def poison(module, args, output):  # head 1 of layer 1's queries become NaN at the first step
+        if poison.armed:
+            output = output.clone()
+            output[..., 8:16] = math.nan
+            poison.armed = False
+            return output
+
+    poison.armed = True
+    model.model.layers[1].self_attn.q_proj.register_forward_hook(poison)
+    callback = AttentionHeatmap(every_n_steps=1, min_render_interval_seconds=0)
+    trainer = make_trainer(tmp_path, [callback], max_steps=2)
+    with pytest.warns(UserWarning, match="attention_max_logit is NaN or infinite at step 0") as record:
+        trainer.fit(PaddedModel(model), padded_loader())
+    assert trainer.global_step == 2
+    steps, history = callback.sample_history("attention_max_logit")
+    assert steps.tolist() == [0, 1]
+    first = history[0]
+    assert np.isnan(first[1, 1]) and np.isfinite(first[0, :4]).all() and np.isfinite(first[1, [0, 2, 3]]).all()
+    assert np.isnan(first[1, -1])  # the layer's max over heads shows it
+    _, entropy = callback.sample_history("attention_entropy")
+    assert np.isnan(entropy[0, 1, 1]) and np.isfinite(entropy[0, 0, :4]).all()
+    assert sum("attention_max_logit is NaN" in str(w.message) for w in record) == 1
+
+
+def test_attention_statistics_chunks_strides_and_gqa_against_direct_computation():
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 9, 8, generator=generator)
+    k = torch.randn(2, 2, 9, 8, generator=generator)
+    window = 3
+    pos = torch.arange(9)
+    allowed = (pos[None] <= pos[:, None]) & (pos[None] > pos[:, None] - window)
+    logits = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.3
+    capped = 2.0 * torch.tanh(logits / 2.0)
+    p = capped.masked_fill(~allowed, -math.inf).softmax(-1)
+    entropy = -(p * torch.where(p > 0, p.log(), 0.0)).sum(-1)
+    for chunk_bytes in (1, 10**9):  # one row per chunk, and all rows at once
+        top, total, rows = attention_statistics(q, k, 0.3, None, causal=True, sliding_window=window, softcap=2.0,
+                                                chunk_bytes=chunk_bytes)
+        np.testing.assert_allclose(top, logits.masked_fill(~allowed, -math.inf).amax(dim=(0, 2, 3)), rtol=1e-6)
+        np.testing.assert_allclose(total / rows, entropy.mean(dim=(0, 2)), rtol=1e-5)
+    additive = torch.zeros(9, 9).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    top, total, rows = attention_statistics(q, k, 0.3, additive, softcap=2.0, query_stride=4)
+    strided = logits[:, :, ::4].masked_fill(~allowed[::4], -math.inf)
+    np.testing.assert_allclose(top, strided.amax(dim=(0, 2, 3)), rtol=1e-6)  # rows 0, 4, 8 only: a lower bound
+    np.testing.assert_allclose(total / rows, entropy[:, :, ::4].mean(dim=(0, 2)), rtol=1e-5)
+    assert (top <= logits.masked_fill(~allowed, -math.inf).amax(dim=(0, 2, 3))).all()
+    assert allowed_keys(additive).equal(allowed)
