@@ -513,3 +513,35 @@ def test_attention_statistics_chunks_strides_and_gqa_against_direct_computation(
     np.testing.assert_allclose(total / rows, entropy[:, :, ::4].mean(dim=(0, 2)), rtol=1e-5)
     assert (top <= logits.masked_fill(~allowed, -math.inf).amax(dim=(0, 2, 3))).all()
     assert allowed_keys(additive).equal(allowed)
+
+
+# --- DDP and FSDP2: every rank measures its rows, one collective pools them -------------------------------
+
+SCRIPT = Path(__file__).with_name("attention_script.py")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_distributed_runs_equal_one_process(tmp_path_factory, mode):
+    root = tmp_path_factory.getbasetemp() / "attention_distributed"
+    results = {}
+    for run_mode in ("single", mode):
+        log_root = root / run_mode
+        if not log_root.exists():
+            result = subprocess.run([sys.executable, str(SCRIPT), str(root), run_mode], capture_output=True, text=True,
+                                    timeout=240)
+            assert result.returncode == 0, result.stderr[-4000:]
+        (log_dir,) = {p.parent for p in log_root.rglob("events.out.tfevents.*")}
+        assert len(list(log_dir.glob("events.out.tfevents.*"))) == 1  # rank zero writes alone
+        events = read_events(str(log_dir))
+        results[run_mode] = ({tag: scalar_series(events, tag) for tag in events.Tags()["scalars"]
+                              if tag.startswith(("attention_", "output_logits/"))}, log_dir)
+    (expected, single_dir), (actual, sharded_dir) = results["single"], results[mode]
+    assert len(expected) == 2 * 2 + 2 and sorted(actual) == sorted(expected)
+    for tag, series in expected.items():
+        assert sorted(actual[tag]) == [0, 1, 2]
+        for step, value in series.items():
+            assert math.isfinite(value) and actual[tag][step] == pytest.approx(value, rel=1e-5, abs=1e-6), (tag, step)
+    for metric in ("max_logit", "entropy"):
+        one = np.load(single_dir / f"heatmaps/attention_{metric}/layer_x_head.npz")["values"]
+        two = np.load(sharded_dir / f"heatmaps/attention_{metric}/layer_x_head.npz")["values"]
+        np.testing.assert_allclose(two, one, rtol=1e-5)
