@@ -94,7 +94,7 @@ def attention_statistics(
         >>> k = torch.tensor([[[[2.0, 0.0], [0.0, 0.0]]]])
         >>> top, entropy, rows = attention_statistics(q, k, scale=1.0)
         >>> float(top[0]), round(float(entropy[0]), 4), float(rows[0])
-        (2.0, 0.3669, 1.0)
+        (2.0, 0.3653, 1.0)
     """
     with torch.no_grad():
         batch, heads, length, dim = query.shape
