@@ -134,8 +134,6 @@ def attention_statistics(
             entropy = -(log_p.exp() * log_p.masked_fill(~allowed, 0.0)).sum(dim=-1)  # [B, H, r]
             entropy_sum += torch.where(valid, entropy, 0.0).sum(dim=(0, 2))
             count += valid.sum(dim=(0, 2)).to(torch.float32)
-            # A NaN/Inf logit in a counted row must show in the head's entropy too (where() would drop it).
-            entropy_sum += torch.where(valid & ~torch.isfinite(logits).all(dim=-1), math.nan, 0.0).sum(dim=(0, 2))
         return top, entropy_sum, count
 
 
@@ -148,8 +146,5 @@ def _take_rows(mask: Tensor, rows: Tensor, length: int) -> Tensor:
 
 
 def _masked_amax(logits: Tensor, allowed: Tensor) -> Tensor:
-    """Per head (dim 1) max over allowed entries; NaN propagates, ``-inf`` where nothing is allowed."""
-    masked = logits.masked_fill(~allowed, -math.inf)
-    top = masked.amax(dim=(0, 2, 3))
-    nan = (torch.isnan(logits) & allowed).any(dim=(0, 2, 3))
-    return torch.where(nan, math.nan, top)
+    """Per head (dim 1) max over allowed entries (``amax`` propagates NaN), ``-inf`` where nothing is allowed."""
+    return logits.masked_fill(~allowed, -math.inf).amax(dim=(0, 2, 3))

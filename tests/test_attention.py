@@ -42,8 +42,8 @@ FAMILIES = {
         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, scale_attn_by_inverse_layer_idx=True), impl),
     "gemma2": lambda impl: _build(T.Gemma2ForCausalLM, T.Gemma2Config(
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=8, vocab_size=VOCAB, max_position_embeddings=64, sliding_window=4, attn_logit_softcapping=1.5,
-        query_pre_attn_scalar=16, final_logit_softcapping=None), impl),
+        head_dim=8, vocab_size=VOCAB, max_position_embeddings=64, sliding_window=4, attn_logit_softcapping=0.1,
+        query_pre_attn_scalar=1, final_logit_softcapping=None), impl),
     "bert": lambda impl: _build(T.BertForMaskedLM, T.BertConfig(
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
         max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), impl),
