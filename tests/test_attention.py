@@ -545,3 +545,25 @@ def test_distributed_runs_equal_one_process(tmp_path_factory, mode):
         one = np.load(single_dir / f"heatmaps/attention_{metric}/layer_x_head.npz")["values"]
         two = np.load(sharded_dir / f"heatmaps/attention_{metric}/layer_x_head.npz")["values"]
         np.testing.assert_allclose(two, one, rtol=1e-5)
+
+
+def test_nothing_is_installed_on_unsampled_steps(tmp_path):
+    """The model runs its own attention function on unsampled steps and the wrapped one on sampled steps only."""
+    torch.manual_seed(0)
+    model = FAMILIES["llama"]("sdpa")
+    seen: dict[int, set] = {}
+
+    class Step(Callback):
+        step = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            Step.step = trainer.global_step
+
+    model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda m, a: seen.setdefault(Step.step, set()).add(model.config._attn_implementation))
+    callback = AttentionHeatmap(every_n_steps=3, min_render_interval_seconds=0)
+    trainer = make_trainer(tmp_path, [Step(), callback], max_steps=5)
+    trainer.fit(PaddedModel(model), padded_loader(batches=5))
+    assert {step: sorted(names) for step, names in seen.items()} == {
+        0: ["lightning_heatmaps_sdpa"], 1: ["sdpa"], 2: ["sdpa"], 3: ["lightning_heatmaps_sdpa"], 4: ["sdpa"]}
+    assert model.config._attn_implementation == "sdpa"
