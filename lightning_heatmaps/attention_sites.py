@@ -63,13 +63,10 @@ def _is_pretrained(module: nn.Module) -> bool:
 
 
 def _is_hf_attention(module: nn.Module) -> bool:
-    return _is_pretrained_part(module) and "attention" in type(module).__name__.lower() and (
+    """A transformers attention module (the innermost of these calls the registered attention function)."""
+    return type(module).__module__.startswith("transformers.") and "attention" in type(module).__name__.lower() and (
         hasattr(module, "config") or hasattr(module, "scaling") or hasattr(module, "num_heads")
     )
-
-
-def _is_pretrained_part(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("transformers.")
 
 
 def _heads_of(module: nn.Module, num_heads: int | None) -> int | None:
@@ -253,6 +250,8 @@ class AttentionTaps:
         if self.sites.kind == "transformers":
             for model in self.sites.models:
                 base = model.config._attn_implementation
+                if base.startswith(_WRAPPED):
+                    continue  # another AttentionHeatmap wrapped it for this forward: its function calls every taps
                 self._restore.append((model, base))
                 model.set_attn_implementation(_register(base))
             _ACTIVE_TAPS.append(self)

@@ -337,7 +337,7 @@ class HeatmapCallback(Callback):
             layout = {
                 f"heatmaps/{name}": {
                     component: [rf"^{re.escape(name)}/layer_\d+/{re.escape(component)}$"]
-                    for component in [*layer_map.component_names, ALL_COMPONENTS]
+                    for component in [*([] if self.POOLED_SCALARS_ONLY else layer_map.component_names), ALL_COMPONENTS]
                 }
                 for name in self.metric_names
             }

@@ -567,3 +567,15 @@ def test_nothing_is_installed_on_unsampled_steps(tmp_path):
     assert {step: sorted(names) for step, names in seen.items()} == {
         0: ["lightning_heatmaps_sdpa"], 1: ["sdpa"], 2: ["sdpa"], 3: ["lightning_heatmaps_sdpa"], 4: ["sdpa"]}
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_two_instances_on_one_model_both_equal_the_reference(tmp_path):
+    torch.manual_seed(0)
+    model = FAMILIES["llama"]("eager")
+    other = AttentionHeatmap(metrics="entropy", every_n_steps=2, name="second", min_render_interval_seconds=0)
+    trainer, callback, ref = run(tmp_path, model, padded_loader(), extra=[other])
+    check_against_reference(trainer, callback, ref, ["0", "1"])
+    steps, values = other.sample_history("second/attention_entropy")
+    assert steps.tolist() == [0, 2]
+    np.testing.assert_allclose(values[-1, :, :-1], ref.values[2][1], rtol=1e-5)
+    assert model.config._attn_implementation == "eager"  # the second instance did not wrap the first's wrapper
