@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor, nn
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_heatmaps.attention import CHUNK_BYTES, attention_statistics
@@ -149,7 +150,7 @@ class AttentionHeatmap(HeatmapCallback):
         self._slots = len(layer_map.components)
         self._device = trainer.strategy.root_device
         self._taps = AttentionTaps(self.sites, self._record)
-        self._ever_seen = False
+        self._checked_rows = False
         self._lm_head: nn.Module | None = None
         if self.output_logits and self.sites.models:
             self._lm_head = self.sites.models[0].get_output_embeddings()
@@ -167,7 +168,7 @@ class AttentionHeatmap(HeatmapCallback):
 
     @override
     def _begin_sample(self, trainer: pl.Trainer) -> None:
-        self._seen = False
+        self._seen_rows: set[int] = set()
         stats = torch.zeros(3, self._slots + 1, device=self._device)
         stats[0] = -math.inf
         self._stats = stats
@@ -206,7 +207,7 @@ class AttentionHeatmap(HeatmapCallback):
                 sliding_window: int | None, softcap: float | None, query_rows: Tensor | None) -> None:
         if not self._collecting or self._stats is None:
             return
-        self._seen = True
+        self._seen_rows.add(row)
         top, entropy, rows = attention_statistics(
             query, key, scale, mask, causal=causal, sliding_window=sliding_window, softcap=softcap,
             query_rows=query_rows, query_stride=self.query_stride, chunk_bytes=self.chunk_bytes,
@@ -243,16 +244,33 @@ class AttentionHeatmap(HeatmapCallback):
         stats, self._stats = self._stats, None
         if stats is None:
             return None
-        if not self._seen and self.sites is not None and self.sites.kind == "sdpa" and not self._ever_seen:
-            raise RuntimeError(
-                f"{type(self).__name__} saw no call of torch.nn.functional.scaled_dot_product_attention in the training "
-                f"forward of step {trainer.global_step} (blocks: {', '.join(self.sites.row_labels[:8])}). It looks for Hugging "
-                "Face attention modules, nn.MultiheadAttention, and calls of scaled_dot_product_attention inside the blocks."
-            )
-        self._ever_seen = self._ever_seen or self._seen
+        self._check_rows_seen()
         if distributed_world() > 1:
             stats = pool_over_ranks(stats, [0])  # the sample's one collective: max of maxima, sums of the rest
         return stats, None
+
+    def _check_rows_seen(self) -> None:
+        """At the first sample: an error if no attention call was seen at all, a warning naming rows never seen."""
+        if self._checked_rows or self.sites is None:
+            return
+        self._checked_rows = True
+        if not self._seen_rows:
+            looked_for = {
+                "transformers": "calls of the attention function registered in transformers' AttentionInterface "
+                                "(models whose attention does not go through it, e.g. BLOOM or MPT, are not seen)",
+                "multihead": "forwards of nn.MultiheadAttention",
+                "sdpa": "calls of torch.nn.functional.scaled_dot_product_attention inside the blocks",
+            }[self.sites.kind]
+            raise RuntimeError(
+                f"{type(self).__name__} saw no attention in the training forward of step {self._last_sampled_step}: it "
+                f"looked for {looked_for} (rows: {', '.join(self.sites.row_labels[:8])})."
+            )
+        unseen = [label for row, label in enumerate(self.sites.row_labels) if row not in self._seen_rows]
+        if unseen:
+            rank_zero_warn(
+                f"{type(self).__name__}: no attention call was seen for rows {', '.join(unseen[:12])} in the first "
+                "sampled step; their cells stay empty (NaN)."
+            )
 
     @override
     def _ingest(self, sample: _PendingSample) -> None:

@@ -447,8 +447,15 @@ def test_no_attention_is_a_clear_error_at_fit_start(tmp_path):
             return self.linear(x)
 
     trainer = make_trainer(tmp_path, [AttentionHeatmap(every_n_steps=1)], max_steps=1)
-    with pytest.raises(RuntimeError, match="saw no call of torch.nn.functional.scaled_dot_product_attention"):
+    with pytest.raises(RuntimeError, match="saw no attention in the training forward of step 0: it looked for calls "
+                                           "of torch.nn.functional.scaled_dot_product_attention inside the blocks"):
         trainer.fit(PlainModel(block=Silent), torch.utils.data.DataLoader(torch.randn(4, 6, 16), batch_size=4))
+
+    bloom = T.BloomForCausalLM(T.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=VOCAB))  # ALiBi, own code
+    trainer = make_trainer(tmp_path, [AttentionHeatmap(every_n_steps=1)], max_steps=1)
+    with pytest.raises(RuntimeError, match="looked for calls of the attention function registered in transformers' "
+                                           "AttentionInterface .models whose attention does not go through it, e.g. BLOOM"):
+        trainer.fit(PaddedModel(bloom), padded_loader())
 
 
 def test_unmeasured_implementation_and_bad_arguments_are_refused(tmp_path):
