@@ -134,6 +134,7 @@ class AttentionHeatmap(HeatmapCallback):
 
     @override
     def _resolve(self, pl_module: pl.LightningModule) -> LayerMap:
+        check_attention_implementations(pl_module, type(self).__name__)  # again: configure_model may have built it
         self.sites = sites = find_attention_sites(pl_module, self.num_heads, self.first_layer_index)
         modules = {row: module for module, row in sites.modules.items()}
         components = [
@@ -159,7 +160,8 @@ class AttentionHeatmap(HeatmapCallback):
     @override
     def _describe(self) -> str:
         assert self.sites is not None
-        return f" via {self.sites.kind}" + ("" if self.query_stride == 1 else f", every {self.query_stride}th query row")
+        rows = "all query rows" if self.query_stride == 1 else f"every {self.query_stride}th query row"
+        return f" The columns are heads; attention seen via {self.sites.kind}, {rows}."
 
     @override
     def _detach(self) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 from lightning_heatmaps import AttentionHeatmap, attention_statistics
 from lightning_heatmaps.attention import allowed_keys
 
-from conftest import VOCAB, make_trainer, read_events, scalar_series, token_loader
+from conftest import VOCAB, make_trainer, read_events, scalar_series
 
 def _build(cls, config, implementation):
     model = cls(config)
