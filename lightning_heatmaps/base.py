@@ -107,6 +107,11 @@ class HeatmapCallback(Callback):
     STATISTICS: ClassVar[tuple[str, ...]] = ()
     #: What a column is (``component``, ``expert``): the axis name of the dashboard's matrices.
     COLUMN_AXIS: ClassVar[str] = "component"
+    #: Name of the latest sample's layer x column image and array (``layer_x_head`` for attention heads).
+    LATEST_IMAGE: ClassVar[str] = "layer_x_component"
+    #: Log one scalar per layer (the pooled column) instead of one per cell: a fixed number of tags when
+    #: the columns are many (attention heads).
+    POOLED_SCALARS_ONLY: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -383,7 +388,7 @@ class HeatmapCallback(Callback):
             layout = {
                 f"heatmaps/{name}": {
                     component: [rf"^{re.escape(name)}/layer_\d+/{re.escape(component)}$"]
-                    for component in [*layer_map.component_names, ALL_COMPONENTS]
+                    for component in [*([] if self.POOLED_SCALARS_ONLY else layer_map.component_names), ALL_COMPONENTS]
                 }
                 for name in self.metric_names
             }
@@ -572,7 +577,7 @@ class HeatmapCallback(Callback):
             tables[definition.name] = table
             for layer, tag in enumerate(self._layer_tags):
                 for column, component in enumerate(components):
-                    if column == len(components) - 1 or not self._missing[layer, column]:
+                    if column == len(components) - 1 or not self._missing[layer, column] and not self.POOLED_SCALARS_ONLY:
                         scalars[f"{definition.name}/{tag}/{component}"] = float(table[layer, column])
         if self._outputs is not None:
             self._outputs.log_scalars(scalars, sample.step)  # on the training thread, see RunOutputs
@@ -619,13 +624,13 @@ class HeatmapCallback(Callback):
         snapshots = {name: buffer.ordered() for name, buffer in self._buffers.items() if len(buffer)}
         labels, names, missing = list(self.layer_map.layer_labels), list(self.layer_map.component_names), self._missing.copy()
         outputs, style, per_component = self._outputs, dict(self.style), self.per_component_images
-        column_axis = self.COLUMN_AXIS
+        column_axis, latest_name = self.COLUMN_AXIS, self.LATEST_IMAGE
 
         def render() -> None:
             for metric, (steps, history) in snapshots.items():
                 images = metric_images(
                     metric, steps, history, layer_labels=labels, component_names=names, missing=missing,
-                    per_component=per_component, column_axis=column_axis, **style,
+                    per_component=per_component, column_axis=column_axis, latest_name=latest_name, **style,
                 )
                 for image_name, rgb, arrays in images:
                     outputs.publish_image(metric, image_name, rgb, arrays, int(steps[-1]))

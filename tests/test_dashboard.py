@@ -28,7 +28,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from conftest import TokenModel, make_trainer, read_events, tiny_llama, token_loader
 import lightning_heatmaps_tensorboard
-from lightning_heatmaps import ActivationHeatmap, GradientHeatmap, LogitLensHeatmap, SpikeAlert, spikes
+from lightning_heatmaps import (ActivationHeatmap, AttentionHeatmap, GradientHeatmap, LogitLensHeatmap, SpikeAlert,
+                               spikes)
 from lightning_heatmaps._worker import BackgroundWriter
 from lightning_heatmaps.sinks import LoggerSink, RunOutputs, Sink, TensorBoardSink
 from lightning_heatmaps_tensorboard.metadata import (ALERT_TAG, PLUGIN_NAME, decode_alert, matrix_content, matrix_tag,
@@ -72,7 +73,7 @@ def logdir(tmp_path_factory):
     model = TokenModel(tiny_llama())
     model.model.model.layers[0].mlp.gate_proj.weight.requires_grad_(False)  # frozen: shown as "frozen"
     callbacks = [GradientHeatmap(every_n_steps=1), ActivationHeatmap(every_n_steps=2),
-                 LogitLensHeatmap([[3, 4, 5, 6]], every_n_steps=4)]
+                 LogitLensHeatmap([[3, 4, 5, 6]], every_n_steps=4), AttentionHeatmap(metrics="max_logit", every_n_steps=3)]
     logger = L.pytorch.loggers.TensorBoardLogger(str(root), name="train", version="")
     make_trainer(root, callbacks, max_steps=STEPS, logger=logger).fit(model, token_loader(batches=STEPS))
     writer = SummaryWriter(str(root / "special"))
@@ -123,7 +124,7 @@ def _client(logdir, load_fast):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # both load the logdir in the background
         runs = client.get(f"{BASE}/runs").json
-        if set(runs) == {"train", "special", "spiky"} and len(runs["train"]) == 3 and len(runs["spiky"]) == 2 and \
+        if set(runs) == {"train", "special", "spiky"} and len(runs["train"]) == 4 and len(runs["spiky"]) == 2 and \
                 client.get(f"{BASE}/alerts", query_string={"run": "spiky"}).json["kept"] == len(ALERTS):
             return client
         time.sleep(0.2)
@@ -152,7 +153,10 @@ def test_plugin_is_listed_and_enabled(client):
 def test_runs_describe_every_matrix(client, logdir):
     runs = client.get(f"{BASE}/runs").json
     train = runs["train"]
-    assert set(train) == {"matrices/grad_norm", "matrices/activation_rms", "matrices/logit_lens/prompt_0"}
+    assert set(train) == {"matrices/grad_norm", "matrices/activation_rms", "matrices/logit_lens/prompt_0",
+                          "matrices/attention_max_logit"}
+    attention = train["matrices/attention_max_logit"]
+    assert (attention["kind"], attention["column_axis"], attention["column_labels"]) == ("layer_x_head", "head", ["0", "1", "2", "3", "all"])
     grad = train["matrices/grad_norm"]
     assert (grad["callback"], grad["metric"], grad["kind"], grad["max_step"]) == ("GradientHeatmap", "grad_norm", "layer_x_component", STEPS - 1)
     assert grad["row_labels"] == ["0", "1"] and grad["column_labels"] == [*COMPONENTS, "all"]
@@ -427,6 +431,19 @@ def test_browser_hover_shows_the_npz_value_and_the_slider_scrubs(dashboard, logd
     data, _ = _hover(frame, 1, 0)
     assert data["step"] == "0" and np.float32(data["value"]) == np.float32(history["values"][1, 0])
     page.screenshot(path=str(tmp_path / "dashboard_history.png"))
+    assert errors == []
+
+
+def test_browser_shows_attention_layer_x_head_with_the_npz_values(dashboard, logdir):
+    page, frame, errors = dashboard
+    _show(frame, "train", "matrices/attention_max_logit")
+    latest = np.load(logdir / "train" / "heatmaps" / "attention_max_logit" / "layer_x_head.npz")
+    assert int(latest["step"]) == 9 and latest["component_labels"].tolist() == ["0", "1", "2", "3"]
+    for row, head in [(0, 3), (1, 1)]:
+        data, text = _hover(frame, row, head)
+        assert (data["row"], data["column"], data["step"]) == (str(row), str(head), "9")
+        assert np.float32(data["value"]) == np.float32(latest["values"][row, head])
+        assert "head" in frame.locator("body").inner_text() and data["value"] in text
     assert errors == []
 
 
