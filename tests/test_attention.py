@@ -458,10 +458,46 @@ def test_no_attention_is_a_clear_error_at_fit_start(tmp_path):
         trainer.fit(PaddedModel(bloom), padded_loader())
 
 
+class FrozenModel(PaddedModel):
+    """Trains a scale of the logits alone: the attention inputs need no gradient, so flex_attention runs on CPU
+    (torch 2.13 has no flex_attention backward on CPU), and the training step still has a backward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        model.requires_grad_(False)
+        self.temperature = nn.Parameter(torch.ones(()))
+
+    def training_step(self, batch, batch_idx):
+        logits = self.model(**self.inputs(batch)).logits.float() * self.temperature
+        return logits.logsumexp(-1).mean() + logits.square().mean()
+
+
+@pytest.mark.parametrize(("family", "padded"), [("llama", True), ("gemma2", False)])
+def test_flex_attention_matches_reference_from_model_pieces(tmp_path, family, padded):
+    """flex_attention's BlockMask (causal + padding; Gemma 2's sliding window) and its soft-cap, measured in a fit."""
+    torch.manual_seed(0)
+    model = FAMILIES[family]("flex_attention")
+    callback = AttentionHeatmap(every_n_steps=2, min_render_interval_seconds=0)
+    ref = Reference(2)
+    trainer = make_trainer(tmp_path, [ref, callback], max_steps=3)
+    trainer.fit(FrozenModel(model), padded_loader(length=20, padded=padded))
+    assert sorted(ref.values) == [0, 2]
+    check_against_reference(trainer, callback, ref, ["0", "1"])
+    assert model.config._attn_implementation == "flex_attention"
+
+
 def test_unmeasured_implementation_and_bad_arguments_are_refused(tmp_path):
-    model = FAMILIES["llama"]("flex_attention")
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register("my_kernel", sdpa_attention_forward)
+    AttentionMaskInterface.register("my_kernel", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model = FAMILIES["llama"]("my_kernel")
     trainer = make_trainer(tmp_path, [AttentionHeatmap(every_n_steps=1)], max_steps=1)
-    with pytest.raises(ValueError, match="does not measure attn_implementation='flex_attention' of LlamaForCausalLM.*Supported: eager, sdpa"):
+    with pytest.raises(ValueError, match="does not measure attn_implementation='my_kernel' of LlamaForCausalLM: its "
+                                         "kernel's masking.*Supported: eager, sdpa, flex_attention"):
         trainer.fit(PaddedModel(model), padded_loader())
     with pytest.raises(ValueError, match=r"Invalid value for query_stride=0: must be an integer >= 1"):
         AttentionHeatmap(query_stride=0)
@@ -520,6 +556,33 @@ def test_attention_statistics_chunks_strides_and_gqa_against_direct_computation(
     np.testing.assert_allclose(total / rows, entropy[:, :, ::4].mean(dim=(0, 2)), rtol=1e-5)
     assert (top <= logits.masked_fill(~allowed, -math.inf).amax(dim=(0, 2, 3))).all()
     assert allowed_keys(additive).equal(allowed)
+
+
+def test_block_mask_is_read_element_by_element_with_full_and_partial_blocks():
+    """A BlockMask with 4 x 4 blocks (full blocks inside the window, partial ones on its edges) and a per-batch,
+    per-head mask_mod, evaluated chunk by chunk, equals the dense mask the mask_mod describes."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from lightning_heatmaps.attention import block_mask_allowed
+
+    length, window = 12, 8
+    keep = torch.tensor([[True] * 12, [True] * 9 + [False] * 3])  # batch 1: the last 3 keys are padding
+
+    def mask_mod(b, h, q, kv):
+        return (kv <= q) & (kv > q - window) & keep[b, kv] & ((h == 0) | (kv != q))  # head 1 never sees itself
+
+    block_mask = create_block_mask(mask_mod, 2, 2, length, length, device="cpu", BLOCK_SIZE=4)
+    assert block_mask.full_kv_num_blocks is not None and int(block_mask.full_kv_num_blocks.sum()) > 0
+    index = torch.arange(length)
+    batch, head, keys = index[:2, None, None, None], index[None, :2, None, None], index[None, None, None, :]
+    dense = mask_mod(batch, head, index[None, None, :, None], keys)
+    assert block_mask_allowed(block_mask, batch, head, index[None, None, :, None], keys).equal(dense)
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 2, length, 8, generator=generator), torch.randn(2, 2, length, 8, generator=generator)
+    by_chunk = lambda rows: block_mask_allowed(block_mask, batch, head, rows[None, None, :, None], keys)
+    for chunk_bytes in (1, 10**9):
+        np.testing.assert_allclose(attention_statistics(q, k, 0.5, by_chunk, softcap=3.0, chunk_bytes=chunk_bytes),
+                                   attention_statistics(q, k, 0.5, dense, softcap=3.0), rtol=1e-6)
 
 
 # --- DDP and FSDP2: every rank measures its rows, one collective pools them -------------------------------
