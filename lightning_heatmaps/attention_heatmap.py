@@ -15,7 +15,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_heatmaps.attention import CHUNK_BYTES, attention_statistics
-from lightning_heatmaps.attention_sites import AttentionSites, AttentionTaps, check_attention_implementations, find_attention_sites
+from lightning_heatmaps.attention_sites import (AttentionSites, AttentionTaps, check_attention_implementations,
+                                               check_attention_sharding, find_attention_sites)
 from lightning_heatmaps.base import HeatmapCallback, _check_int, _PendingSample
 from lightning_heatmaps.distributed import distributed_world, pool_over_ranks
 from lightning_heatmaps.layers import Component, LayerMap
@@ -137,6 +138,7 @@ class AttentionHeatmap(HeatmapCallback):
     def _resolve(self, pl_module: pl.LightningModule) -> LayerMap:
         check_attention_implementations(pl_module, type(self).__name__)  # again: configure_model may have built it
         self.sites = sites = find_attention_sites(pl_module, self.num_heads, self.first_layer_index)
+        check_attention_sharding(sites, pl_module, type(self).__name__)
         modules = {row: module for module, row in sites.modules.items()}
         components = [
             Component(row, str(head), type(modules[row]).__name__, modules[row], (), None)

@@ -126,6 +126,38 @@ def check_attention_implementations(model: nn.Module, owner: str) -> None:
             )
 
 
+def check_attention_sharding(sites: AttentionSites, model: nn.Module, owner: str) -> None:
+    """Refuse tensor parallelism: a parameter of an attention site that is a DTensor no ``fully_shard`` manages
+    (each rank's attention would see only its own heads), or one sharded over more than one mesh dimension
+    (tensor parallelism with FSDP2). FSDP2 alone (``fully_shard`` on a data-parallel mesh) passes: its
+    forward gathers whole q/k projections.
+
+    Raises:
+        ValueError: naming the parameter, its placements and what is supported.
+
+    Example:
+        >>> block = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32), num_layers=2)
+        >>> check_attention_sharding(find_attention_sites(block), block, "AttentionHeatmap")
+    """
+    from lightning_heatmaps.distributed import SUPPORTED, _fsdp2_units, is_dtensor
+
+    units = _fsdp2_units(model)
+    names = {module: name for name, module in model.named_modules()}
+    for site in sites.modules:
+        for module in site.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if not is_dtensor(param):
+                    continue
+                placements = tuple(param.placements)
+                where = ".".join(part for part in (names.get(module, ""), name) if part)
+                if units.get(module) is None or any(p.is_partial() for p in placements) or sum(p.is_shard() for p in placements) > 1:
+                    raise ValueError(
+                        f"{owner} does not support tensor parallelism: parameter {where} is a DTensor sharded as "
+                        f"{placements}{'' if units.get(module) is not None else ' that no `fully_shard` manages'}, so "
+                        f"each rank's attention would see only its own heads (or partial q/k). {SUPPORTED}."
+                    )
+
+
 def find_attention_sites(model: nn.Module, num_heads: int | None = None, first_layer_index: int = 0) -> AttentionSites:
     """The attention rows of ``model``: every attention module of every block, in model order.
 
@@ -175,9 +207,9 @@ def find_attention_sites(model: nn.Module, num_heads: int | None = None, first_l
     if not labels:
         raise ValueError(
             f"AttentionHeatmap found no attention it can see in {type(model).__name__}: it looks for Hugging Face "
-            "attention modules (attn_implementation 'eager' or 'sdpa'), nn.MultiheadAttention, and, in a stack of "
-            "repeated blocks (an nn.ModuleList/nn.Sequential) with a head count (a num_heads/n_heads attribute, or "
-            "AttentionHeatmap(num_heads=...)), calls of torch.nn.functional.scaled_dot_product_attention."
+            "attention modules (attn_implementation 'eager', 'sdpa' or 'flex_attention'), nn.MultiheadAttention, "
+            "and, in a stack of repeated blocks (an nn.ModuleList/nn.Sequential) with a head count (a num_heads/n_heads "
+            "attribute, or AttentionHeatmap(num_heads=...)), calls of torch.nn.functional.scaled_dot_product_attention."
         )
     return AttentionSites(kind, labels, heads, modules, models, cross)
 
@@ -304,6 +336,12 @@ class AttentionTaps:
         row = self.sites.modules.get(module)
         if row is None:
             return
+        if query.shape[1] != self.sites.heads[row]:  # a wrong count would fill another row's cells
+            raise RuntimeError(
+                f"AttentionHeatmap expected {self.sites.heads[row]} query heads in row {self.sites.row_labels[row]} "
+                f"({type(module).__name__}) but its attention call has {query.shape[1]}: tensor parallelism (heads "
+                "split across ranks) is not supported."
+            )
         if _is_block_mask(mask):  # flex_attention: its mask_mod, on index grids, a chunk of query rows at a time
             self.record(row, query, key, kwargs.get("scaling"), _block_mask_rows(mask, query, key), False, None,
                         kwargs.get("softcap"), self._block_mask_query_rows(row, mask, query, key))

@@ -505,6 +505,36 @@ def test_unmeasured_implementation_and_bad_arguments_are_refused(tmp_path):
         AttentionHeatmap(metrics="logit")
 
 
+def test_tensor_parallel_attention_is_refused_at_fit_start(tmp_path):
+    """q/k projections split by parallelize_module (column-parallel: each rank would see its own heads) are
+    refused when fit starts; the same model with fully_shard alone (FSDP2) is accepted."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from lightning_heatmaps.attention_sites import check_attention_sharding, find_attention_sites
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = FAMILIES["llama"]("sdpa")
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.model.layers:
+            parallelize_module(layer.self_attn, mesh, {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel()})
+        trainer = make_trainer(tmp_path, [AttentionHeatmap(every_n_steps=1)], max_steps=1)
+        with pytest.raises(ValueError, match=r"AttentionHeatmap does not support tensor parallelism: parameter "
+                                             r"model.model.layers.0.self_attn.q_proj.weight is a DTensor sharded as "
+                                             r"\(Shard\(dim=0\),\) that no `fully_shard` manages.*FSDP2"):
+            trainer.fit(PaddedModel(model), padded_loader())
+        sharded = FAMILIES["llama"]("sdpa")
+        for layer in sharded.model.layers:
+            fully_shard(layer, mesh=mesh)
+        check_attention_sharding(find_attention_sites(sharded), sharded, "AttentionHeatmap")  # FSDP2: accepted
+    finally:
+        dist.destroy_process_group()
+
+
 def test_nan_logits_make_the_cell_nan_warn_once_and_training_goes_on(tmp_path):
     torch.manual_seed(0)
     model = FAMILIES["llama"]("sdpa")
