@@ -102,6 +102,7 @@ def attention_statistics(
     causal: bool = False,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    bias: Tensor | None = None,
     query_rows: Tensor | None = None,
     query_stride: int = 1,
     chunk_bytes: int = CHUNK_BYTES,
@@ -122,6 +123,9 @@ def attention_statistics(
             ``sliding_window`` only when ``mask`` is ``None`` (a given mask already holds both).
         sliding_window: a query sees at most this many keys (itself included), when ``mask`` is ``None``.
         softcap: ``softcap * tanh(logit / softcap)`` before the mask (Gemma 2); the max logit is taken before it.
+        bias: an additive score bias broadcastable to ``[B, Hq, Lq, Lk]`` (T5's relative position bias), added
+            after soft-capping like the mask: it shapes the distribution (entropy) but is not part of the
+            logit ``scale * q.k`` whose max is taken.
         query_rows: ``[B, Lq]`` boolean, ``False`` for padding queries (excluded). Rows that may see no key
             are excluded as well.
         query_stride: measure every ``query_stride``-th query row only; ``max_logit`` is then a lower bound of
@@ -173,6 +177,8 @@ def attention_statistics(
                 valid = valid & query_rows[:, None, rows].to(device)
             top = torch.maximum(top, _masked_amax(logits, allowed & valid[..., None]))
             scores = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+            if bias is not None:
+                scores = scores + _take_rows(bias, rows, length).to(device, torch.float32)
             if additive is not None:
                 scores = scores + _take_rows(additive, rows, length).to(torch.float32)
             scores = scores.masked_fill(~allowed, -math.inf)

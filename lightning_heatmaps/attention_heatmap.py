@@ -209,12 +209,13 @@ class AttentionHeatmap(HeatmapCallback):
     # --- what the taps and hooks record ---------------------------------------------------------------
 
     def _record(self, row: int, query: Tensor, key: Tensor, scale: float | None, mask: Tensor | None, causal: bool,
-                sliding_window: int | None, softcap: float | None, query_rows: Tensor | None) -> None:
+                sliding_window: int | None, softcap: float | None, query_rows: Tensor | None,
+                bias: Tensor | None = None) -> None:
         if not self._collecting or self._stats is None:
             return
         self._seen_rows.add(row)
         top, entropy, rows = attention_statistics(
-            query, key, scale, mask, causal=causal, sliding_window=sliding_window, softcap=softcap,
+            query, key, scale, mask, causal=causal, sliding_window=sliding_window, softcap=softcap, bias=bias,
             query_rows=query_rows, query_stride=self.query_stride, chunk_bytes=self.chunk_bytes,
         )
         first = self._first_slot[row]

@@ -35,7 +35,7 @@ from lightning_heatmaps.layers import _attention_projection, _stack_prefix, find
 MEASURED_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
 _WRAPPED = "lightning_heatmaps_"
 
-#: ``(row, query, key, scale, mask, causal, sliding_window, softcap, query_rows)`` -> None
+#: ``(row, query, key, scale, mask, causal, sliding_window, softcap, query_rows, bias=None)`` -> None
 Recorder = Callable[..., None]
 
 
@@ -342,9 +342,12 @@ class AttentionTaps:
                 f"({type(module).__name__}) but its attention call has {query.shape[1]}: tensor parallelism (heads "
                 "split across ranks) is not supported."
             )
+        bias = kwargs.get("position_bias")  # T5: added to the scores (after scaling; it is not part of q.k)
+        if bias is not None and bias.dim() == 4:
+            bias = bias[..., : key.shape[-2]]
         if _is_block_mask(mask):  # flex_attention: its mask_mod, on index grids, a chunk of query rows at a time
             self.record(row, query, key, kwargs.get("scaling"), _block_mask_rows(mask, query, key), False, None,
-                        kwargs.get("softcap"), self._block_mask_query_rows(row, mask, query, key))
+                        kwargs.get("softcap"), self._block_mask_query_rows(row, mask, query, key), bias=bias)
             return
         if mask is not None and mask.dim() == 4:
             mask = mask[..., : key.shape[-2]]
@@ -355,7 +358,7 @@ class AttentionTaps:
         scale = kwargs.get("scaling")
         window = kwargs.get("sliding_window") if mask is None else None
         self.record(row, query, key, scale, mask, causal, window, kwargs.get("softcap"),
-                    self._query_rows(row, query, key, mask))
+                    self._query_rows(row, query, key, mask), bias=bias)
 
     def _query_rows(self, row: int, query: Tensor, key: Tensor, mask: Tensor | None) -> Tensor | None:
         """Non-padding query rows: in self attention, those that may see themselves; cross attention reuses the

@@ -52,6 +52,10 @@ FAMILIES = {
         encoder_attention_heads=4, decoder_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=64,
         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
         eos_token_id=2, decoder_start_token_id=2), impl),
+    "t5": lambda impl: _build(T.T5ForConditionalGeneration, T.T5Config(
+        d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=VOCAB,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0, pad_token_id=1,
+        eos_token_id=2, decoder_start_token_id=2), impl),
 }
 
 
@@ -109,6 +113,13 @@ def _sites(model):
     if isinstance(model, T.BertForMaskedLM):
         return [(l.attention.self.query, l.attention.self.key, 4, 4, None, 8 ** -0.5, "bidirectional", None)
                 for l in model.bert.encoder.layer]
+    if isinstance(model, T.T5ForConditionalGeneration):  # no scaling: T5 folds it into its weights
+        rows = [(b.layer[0].SelfAttention.q, b.layer[0].SelfAttention.k, 4, 4, None, 1.0, "bidirectional", None)
+                for b in model.encoder.block]
+        for b in model.decoder.block:
+            rows.append((b.layer[0].SelfAttention.q, b.layer[0].SelfAttention.k, 4, 4, None, 1.0, "causal", None))
+            rows.append((b.layer[1].EncDecAttention.q, b.layer[1].EncDecAttention.k, 4, 4, None, 1.0, "cross", None))
+        return rows
     rows = [(l.self_attn.q_proj, l.self_attn.k_proj, 4, 4, None, 8 ** -0.5, "bidirectional", None) for l in model.model.encoder.layers]
     for l in model.model.decoder.layers:
         rows.append((l.self_attn.q_proj, l.self_attn.k_proj, 4, 4, None, 8 ** -0.5, "causal", None))
@@ -246,6 +257,8 @@ def check_against_reference(trainer, callback, ref, labels):
     ("gemma2", "eager", ["0", "1"]),
     ("bert", "sdpa", ["0", "1"]),
     ("bart", "sdpa", ["enc.0", "enc.1", "dec.0", "dec_xattn.0", "dec.1", "dec_xattn.1"]),
+    ("t5", "eager", ["enc.0", "enc.1", "dec.0", "dec_xattn.0", "dec.1", "dec_xattn.1"]),
+    ("t5", "sdpa", ["enc.0", "enc.1", "dec.0", "dec_xattn.0", "dec.1", "dec_xattn.1"]),
 ])
 def test_matches_reference_from_model_pieces(tmp_path, family, implementation, labels):
     torch.manual_seed(0)
