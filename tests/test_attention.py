@@ -485,17 +485,21 @@ class FrozenModel(PaddedModel):
         return logits.logsumexp(-1).mean() + logits.square().mean()
 
 
-@pytest.mark.parametrize(("family", "padded"), [("llama", True), ("gemma2", False)])
-def test_flex_attention_matches_reference_from_model_pieces(tmp_path, family, padded):
-    """flex_attention's BlockMask (causal + padding; Gemma 2's sliding window) and its soft-cap, measured in a fit."""
+@pytest.mark.parametrize(("family", "labels"), [
+    ("gemma2", ["0", "1"]),
+    ("bart", ["enc.0", "enc.1", "dec.0", "dec_xattn.0", "dec.1", "dec_xattn.1"]),
+])
+def test_flex_attention_matches_reference_from_model_pieces(tmp_path, family, labels):
+    """flex_attention's BlockMasks with padding (Gemma 2: GQA, causal, sliding window, soft-cap; BART:
+    bidirectional, causal and cross attention), measured in a fit."""
     torch.manual_seed(0)
     model = FAMILIES[family]("flex_attention")
     callback = AttentionHeatmap(every_n_steps=2, min_render_interval_seconds=0)
     ref = Reference(2)
     trainer = make_trainer(tmp_path, [ref, callback], max_steps=3)
-    trainer.fit(FrozenModel(model), padded_loader(length=20, padded=padded))
+    trainer.fit(FrozenModel(model), padded_loader(length=20))
     assert sorted(ref.values) == [0, 2]
-    check_against_reference(trainer, callback, ref, ["0", "1"])
+    check_against_reference(trainer, callback, ref, labels)
     assert model.config._attn_implementation == "flex_attention"
 
 
