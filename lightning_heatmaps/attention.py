@@ -8,7 +8,9 @@ softmax, before dropout), over the non-padding query rows. Values stay on the in
 
 Memory: the logits are formed in float32 for a chunk of query rows at a time, ``B * H * rows * Lk`` floats,
 with ``rows`` chosen so that a chunk takes at most :data:`CHUNK_BYTES` (64 MiB) plus a few temporaries of the
-same size (a boolean mask and the softmax): about 4 x 64 MiB at peak, whatever the sequence length.
+same size (a boolean mask and the softmax): about 4 x 64 MiB at peak, whatever the sequence length. A
+flex_attention ``BlockMask`` (:func:`block_mask_allowed`) is evaluated for the same chunk only: its
+``mask_mod``'s boolean temporaries take a quarter of the chunk's bytes each.
 """
 
 from __future__ import annotations
