@@ -552,6 +552,18 @@ def test_tensor_parallel_attention_is_refused_at_fit_start(tmp_path):
         dist.destroy_process_group()
 
 
+def test_an_attention_call_with_another_head_count_is_an_error_not_a_shifted_row(tmp_path):
+    """As under tensor parallelism, where each rank's call has its own heads only: the module says 8 heads
+    (its config, after the model was built with 4), the call has 4."""
+    torch.manual_seed(0)
+    model = FAMILIES["llama"]("sdpa")
+    model.config.num_attention_heads = 8
+    trainer = make_trainer(tmp_path, [AttentionHeatmap(every_n_steps=1)], max_steps=1)
+    with pytest.raises(RuntimeError, match=r"expected 8 query heads in row 0 \(LlamaAttention\) but its attention "
+                                           r"call has 4: tensor parallelism"):
+        trainer.fit(PaddedModel(model), padded_loader())
+
+
 def test_nan_logits_make_the_cell_nan_warn_once_and_training_goes_on(tmp_path):
     torch.manual_seed(0)
     model = FAMILIES["llama"]("sdpa")
