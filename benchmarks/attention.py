@@ -9,7 +9,9 @@ medians are paired (the same process, the same load, interleaved). Reported:
 - the median step time of unsampled and sampled steps, and their ratio;
 - the amortised ratio at ``every_n_steps=50``: ``(49 * unsampled + sampled) / (50 * unsampled)``;
 - beside it, in the same process on the same q/k/v shapes: the model's attention itself (``sdpa`` forward and
-  backward of every layer) and :func:`~lightning_heatmaps.attention_statistics` on every layer.
+  backward of every layer) and :func:`~lightning_heatmaps.attention_statistics` on every layer, with the
+  causal mask built in (as for ``sdpa``) and with a flex_attention causal ``BlockMask`` read through its
+  ``mask_mod`` (as for ``flex_attention``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import transformers
 from lightning.pytorch.callbacks import Callback
 
 from lightning_heatmaps import AttentionHeatmap, attention_statistics
+from lightning_heatmaps.attention import block_mask_allowed
 
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -66,13 +69,20 @@ class StepTimer(Callback):
 
 
 def attention_alone(batch: int, heads: int, kv_heads: int, length: int, dim: int, layers: int, device: str, repeats: int):
-    """Median seconds of every layer's sdpa forward+backward, and of attention_statistics on every layer (paired)."""
+    """Median seconds of every layer's sdpa forward+backward, and of attention_statistics on every layer with a
+    causal flag and with a causal BlockMask (interleaved)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
     q = torch.randn(batch, heads, length, dim, device=device, requires_grad=True)
     k = torch.randn(batch, kv_heads, length, dim, device=device, requires_grad=True)
     v = torch.randn(batch, kv_heads, length, dim, device=device, requires_grad=True)
-    sdpa, stats = [], []
+    causal = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx, None, None, length, length, device=device)
+    index = torch.arange(max(batch, heads, length), device=device)
+    grid = (index[:batch, None, None, None], index[None, :heads, None, None], index[None, None, None, :length])
+    by_chunk = lambda rows: block_mask_allowed(causal, grid[0], grid[1], rows[None, None, :, None], grid[2])
+    sdpa, stats, flex = [], [], []
     for _ in range(repeats):
-        for arm, times in (("sdpa", sdpa), ("stats", stats)):
+        for arm, times in (("sdpa", sdpa), ("stats", stats), ("flex", flex)):
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -80,12 +90,14 @@ def attention_alone(batch: int, heads: int, kv_heads: int, length: int, dim: int
                 if arm == "sdpa":
                     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
                     out.sum().backward()
-                else:
+                elif arm == "stats":
                     attention_statistics(q, k, dim ** -0.5, causal=True)
+                else:
+                    attention_statistics(q, k, dim ** -0.5, by_chunk)
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-    return statistics.median(sdpa), statistics.median(stats)
+    return statistics.median(sdpa), statistics.median(stats), statistics.median(flex)
 
 
 def main() -> None:
@@ -108,7 +120,7 @@ def main() -> None:
     measured = {step: t for step, t in timer.times.items() if step >= 2}  # steps 0 and 1 warm up
     sampled = statistics.median(t for step, t in measured.items() if step % 2 == 0)
     unsampled = statistics.median(t for step, t in measured.items() if step % 2 == 1)
-    sdpa, stats = attention_alone(batch, heads, heads // 2, length, hidden // heads, layers, device, 5 if args.quick else 9)
+    sdpa, stats, flex = attention_alone(batch, heads, heads // 2, length, hidden // heads, layers, device, 5 if args.quick else 9)
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; tiny Llama {layers} layers, "
           f"{heads} heads ({heads // 2} kv), head dim {hidden // heads}, batch {batch}, sequence {length}")
     print(f"step time median: unsampled {unsampled * 1e3:.1f} ms, sampled {sampled * 1e3:.1f} ms, "
@@ -116,6 +128,8 @@ def main() -> None:
     print(f"amortised ratio at every_n_steps=50: {(49 * unsampled + sampled) / (50 * unsampled):.4f}")
     print(f"attention itself (sdpa forward+backward, all layers): {sdpa * 1e3:.1f} ms; "
           f"attention_statistics (all layers): {stats * 1e3:.1f} ms ({stats / sdpa:.2f}x the attention)")
+    print(f"attention_statistics with a causal flex BlockMask read by mask_mod (all layers): {flex * 1e3:.1f} ms "
+          f"({flex / stats:.2f}x the causal flag)")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,16 @@ softmax, before dropout), over the non-padding query rows. Values stay on the in
 
 Memory: the logits are formed in float32 for a chunk of query rows at a time, ``B * H * rows * Lk`` floats,
 with ``rows`` chosen so that a chunk takes at most :data:`CHUNK_BYTES` (64 MiB) plus a few temporaries of the
-same size (a boolean mask and the softmax): about 4 x 64 MiB at peak, whatever the sequence length.
+same size (a boolean mask and the softmax): about 4 x 64 MiB at peak, whatever the sequence length. A
+flex_attention ``BlockMask`` (:func:`block_mask_allowed`) is evaluated for the same chunk only: its
+``mask_mod``'s boolean temporaries take a quarter of the chunk's bytes each.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,6 +45,44 @@ def allowed_keys(mask: Tensor | None, dtype: torch.dtype = torch.float32) -> Ten
     return mask > torch.finfo(mask.dtype).min / 2
 
 
+def block_mask_allowed(block_mask: Any, batch: Tensor, head: Tensor, query: Tensor, key: Tensor) -> Tensor:
+    """Whether ``flex_attention`` lets query ``query`` see key ``key`` under a ``BlockMask``, element by element.
+
+    The index tensors broadcast together (e.g. ``[B, 1, 1, 1]``, ``[1, H, 1, 1]``, ``[1, 1, r, 1]``,
+    ``[1, 1, 1, Lk]``). As flex_attention applies it: a key in one of the mask's *full* blocks is seen, one in
+    a *partial* block is seen where ``mask_mod(b, h, q_idx, kv_idx)`` is true, any other is skipped. Read from
+    the public ``BlockMask`` attributes (``kv_num_blocks``/``kv_indices``, ``full_kv_num_blocks``/
+    ``full_kv_indices``, ``BLOCK_SIZE``, ``mask_mod``); a size-1 batch or head dimension of the mask broadcasts.
+
+    Example:
+        >>> from torch.nn.attention.flex_attention import create_block_mask
+        >>> causal = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 4, 4, device="cpu")
+        >>> i = torch.arange(4)
+        >>> block_mask_allowed(causal, i.new_zeros(1, 1), i.new_zeros(1, 1), i[:, None], i[None, :]).int().tolist()
+        [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    """
+    query_block, key_block = block_mask.BLOCK_SIZE
+    partial = _dense_blocks(block_mask.kv_num_blocks, block_mask.kv_indices)
+    full = None
+    if block_mask.full_kv_num_blocks is not None:
+        full = _dense_blocks(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
+
+    def lookup(blocks: Tensor) -> Tensor:
+        b = batch if blocks.shape[0] > 1 else torch.zeros_like(batch)
+        h = head if blocks.shape[1] > 1 else torch.zeros_like(head)
+        return blocks[b, h, query // query_block, key // key_block]
+
+    allowed = lookup(partial) & block_mask.mask_mod(batch, head, query, key).to(torch.bool)
+    return allowed if full is None else allowed | lookup(full)
+
+
+def _dense_blocks(num_blocks: Tensor, indices: Tensor) -> Tensor:
+    """``[B, H, query blocks, key blocks]`` boolean: the first ``num_blocks`` entries of ``indices`` per row."""
+    listed = torch.arange(indices.shape[-1], device=indices.device) < num_blocks[..., None]
+    dense = torch.zeros(indices.shape, dtype=torch.int32, device=indices.device)
+    return dense.scatter_add_(-1, indices.long(), listed.to(torch.int32)) > 0
+
+
 def _window_mask(rows: Tensor, keys: int, offset: int, causal: bool, window: int | None, device: torch.device) -> Tensor:
     """``[rows, keys]`` allowed keys of a causal and/or sliding-window mask (query ``i`` sits at ``i + offset``)."""
     position = rows[:, None] + offset
@@ -57,11 +99,12 @@ def attention_statistics(
     query: Tensor,
     key: Tensor,
     scale: float | None = None,
-    mask: Tensor | None = None,
+    mask: Tensor | Callable[[Tensor], Tensor] | None = None,
     *,
     causal: bool = False,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    bias: Tensor | None = None,
     query_rows: Tensor | None = None,
     query_stride: int = 1,
     chunk_bytes: int = CHUNK_BYTES,
@@ -74,11 +117,17 @@ def attention_statistics(
             key head ``Hq / Hkv`` times, as the models do).
         scale: the logit scale (default ``1 / sqrt(D)``).
         mask: broadcastable to ``[B, Hq, Lq, Lk]``; boolean (``True`` = attend) or additive (added to the
-            logits after soft-capping, as the models do; ``-inf`` or the dtype's minimum masks a key).
+            logits after soft-capping, as the models do; ``-inf`` or the dtype's minimum masks a key); or a
+            function of a chunk's query row indices ``[r]`` returning its boolean allowed keys, broadcastable
+            to ``[B, Hq, r, Lk]`` (a flex_attention ``BlockMask`` evaluated chunk by chunk, so no
+            ``Lq x Lk`` mask is ever formed).
         causal: apply a causal mask (queries aligned to the last keys), as ``is_causal`` does. Used with
             ``sliding_window`` only when ``mask`` is ``None`` (a given mask already holds both).
         sliding_window: a query sees at most this many keys (itself included), when ``mask`` is ``None``.
         softcap: ``softcap * tanh(logit / softcap)`` before the mask (Gemma 2); the max logit is taken before it.
+        bias: an additive score bias broadcastable to ``[B, Hq, Lq, Lk]`` (T5's relative position bias), added
+            after soft-capping like the mask: it shapes the distribution (entropy) but is not part of the
+            logit ``scale * q.k`` whose max is taken.
         query_rows: ``[B, Lq]`` boolean, ``False`` for padding queries (excluded). Rows that may see no key
             are excluded as well.
         query_stride: measure every ``query_stride``-th query row only; ``max_logit`` is then a lower bound of
@@ -106,8 +155,9 @@ def attention_statistics(
         key32 = key.detach().to(torch.float32)
         if kv_heads != heads:
             key32 = key32.repeat_interleave(heads // kv_heads, dim=1)
-        allowed_all = allowed_keys(mask)
-        additive = None if mask is None or mask.dtype == torch.bool else mask
+        mask_rows = mask if callable(mask) else None
+        allowed_all = None if mask_rows is not None else allowed_keys(mask)
+        additive = None if mask is None or mask_rows is not None or mask.dtype == torch.bool else mask
         rows_all = torch.arange(0, length, max(1, query_stride), device=device)
         per_row = batch * heads * keys * 4
         chunk = max(1, min(len(rows_all), chunk_bytes // max(per_row, 1)))
@@ -118,7 +168,9 @@ def attention_statistics(
             rows = rows_all[start : start + chunk]
             q = query.detach()[:, :, rows].to(torch.float32)
             logits = torch.matmul(q, key32.transpose(-1, -2)) * scale  # [B, H, r, Lk]
-            if allowed_all is not None:
+            if mask_rows is not None:
+                allowed = mask_rows(rows).to(device).expand(logits.shape)
+            elif allowed_all is not None:
                 allowed = _take_rows(allowed_all, rows, length).expand(logits.shape)
             else:
                 allowed = _window_mask(rows, keys, keys - length, causal, sliding_window, device).expand(logits.shape)
@@ -127,6 +179,8 @@ def attention_statistics(
                 valid = valid & query_rows[:, None, rows].to(device)
             top = torch.maximum(top, _masked_amax(logits, allowed & valid[..., None]))
             scores = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+            if bias is not None:
+                scores = scores + _take_rows(bias, rows, length).to(device, torch.float32)
             if additive is not None:
                 scores = scores + _take_rows(additive, rows, length).to(torch.float32)
             scores = scores.masked_fill(~allowed, -math.inf)

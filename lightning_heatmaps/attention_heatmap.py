@@ -15,7 +15,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_heatmaps.attention import CHUNK_BYTES, attention_statistics
-from lightning_heatmaps.attention_sites import AttentionSites, AttentionTaps, check_attention_implementations, find_attention_sites
+from lightning_heatmaps.attention_sites import (AttentionSites, AttentionTaps, check_attention_implementations,
+                                               check_attention_sharding, find_attention_sites)
 from lightning_heatmaps.base import HeatmapCallback, _check_int, _PendingSample
 from lightning_heatmaps.distributed import distributed_world, pool_over_ranks
 from lightning_heatmaps.layers import Component, LayerMap
@@ -55,11 +56,12 @@ class AttentionHeatmap(HeatmapCallback):
     Also logged per sample, for language models: ``<prefix>output_logits/log_z_mean`` (mean ``logsumexp`` of
     the LM head's logits over non-padding positions, what z-loss controls) and ``<prefix>output_logits/max_abs``.
 
-    Seen through: Hugging Face models with ``attn_implementation`` ``eager`` or ``sdpa`` (a wrapped attention
-    function in transformers' ``AttentionInterface``, set only during sampled forwards), ``nn.MultiheadAttention``
-    (a forward pre-hook recomputing q and k), and other models calling
-    ``torch.nn.functional.scaled_dot_product_attention`` from a stack of repeated blocks. Other implementations
-    (``flash_attention_2``, ``flex_attention``) are refused at setup. Nothing is installed on unsampled steps.
+    Seen through: Hugging Face models with ``attn_implementation`` ``eager``, ``sdpa`` or ``flex_attention`` (a
+    wrapped attention function in transformers' ``AttentionInterface``, set only during sampled forwards; a
+    flex ``BlockMask`` is read element by element), ``nn.MultiheadAttention`` (a forward pre-hook recomputing q
+    and k), and other models calling ``torch.nn.functional.scaled_dot_product_attention`` from a stack of
+    repeated blocks. Other implementations (``flash_attention_2``, hub kernels) are refused at setup. Nothing
+    is installed on unsampled steps.
 
     Cost of a sampled step: q and k are multiplied once more, in float32 under ``no_grad``, a chunk of query
     rows at a time (at most ``chunk_bytes`` of logits, default 64 MiB, and about four times that at peak).
@@ -136,6 +138,7 @@ class AttentionHeatmap(HeatmapCallback):
     def _resolve(self, pl_module: pl.LightningModule) -> LayerMap:
         check_attention_implementations(pl_module, type(self).__name__)  # again: configure_model may have built it
         self.sites = sites = find_attention_sites(pl_module, self.num_heads, self.first_layer_index)
+        check_attention_sharding(sites, pl_module, type(self).__name__)
         modules = {row: module for module, row in sites.modules.items()}
         components = [
             Component(row, str(head), type(modules[row]).__name__, modules[row], (), None)
@@ -206,12 +209,13 @@ class AttentionHeatmap(HeatmapCallback):
     # --- what the taps and hooks record ---------------------------------------------------------------
 
     def _record(self, row: int, query: Tensor, key: Tensor, scale: float | None, mask: Tensor | None, causal: bool,
-                sliding_window: int | None, softcap: float | None, query_rows: Tensor | None) -> None:
+                sliding_window: int | None, softcap: float | None, query_rows: Tensor | None,
+                bias: Tensor | None = None) -> None:
         if not self._collecting or self._stats is None:
             return
         self._seen_rows.add(row)
         top, entropy, rows = attention_statistics(
-            query, key, scale, mask, causal=causal, sliding_window=sliding_window, softcap=softcap,
+            query, key, scale, mask, causal=causal, sliding_window=sliding_window, softcap=softcap, bias=bias,
             query_rows=query_rows, query_stride=self.query_stride, chunk_bytes=self.chunk_bytes,
         )
         first = self._first_slot[row]

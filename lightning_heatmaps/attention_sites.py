@@ -9,7 +9,9 @@ extra code at all and forwards recomputed by activation checkpointing (during ba
   own, set with the public ``set_attn_implementation`` while a sampled forward runs. It receives the
   attention module, query, key, the mask, ``scaling``, ``sliding_window`` and ``softcap`` as the model passes
   them, measures, and calls the original implementation (``eager``: the model's own ``eager_attention_forward``;
-  ``sdpa``: transformers' ``sdpa_attention_forward``) with the same arguments.
+  ``sdpa``: transformers' ``sdpa_attention_forward``; ``flex_attention``: transformers'
+  ``flex_attention_forward``, whose ``BlockMask`` is evaluated element by element, chunk by chunk) with the
+  same arguments.
 - ``nn.MultiheadAttention``: a forward pre-hook that recomputes q and k from its input projection.
 - Any other model calling ``torch.nn.functional.scaled_dot_product_attention``: a
   ``TorchFunctionMode`` that sees the call, with forward pre-hooks on the blocks telling which layer runs.
@@ -30,10 +32,10 @@ from lightning_heatmaps.architectures import SUBTREES
 from lightning_heatmaps.layers import _attention_projection, _stack_prefix, find_block_stacks
 
 #: transformers attention implementations that are measured, by name.
-MEASURED_IMPLEMENTATIONS = ("eager", "sdpa")
+MEASURED_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
 _WRAPPED = "lightning_heatmaps_"
 
-#: ``(row, query, key, scale, mask, causal, sliding_window, softcap, query_rows)`` -> None
+#: ``(row, query, key, scale, mask, causal, sliding_window, softcap, query_rows, bias=None)`` -> None
 Recorder = Callable[..., None]
 
 
@@ -107,18 +109,53 @@ def check_attention_implementations(model: nn.Module, owner: str) -> None:
     """Refuse a Hugging Face model whose attention implementation is not measured.
 
     Raises:
-        ValueError: an implementation other than ``eager`` or ``sdpa`` (``flash_attention_2``, ``flex_attention``,
-            a kernel), naming it and what is supported.
+        ValueError: an implementation other than ``eager``, ``sdpa`` or ``flex_attention`` (``flash_attention_2``,
+            ``flash_attention_3``, a hub kernel), naming it, why, and what is supported.
     """
     for model_ in hf_models(model):
         implementation = model_.config._attn_implementation
         if implementation not in MEASURED_IMPLEMENTATIONS and not str(implementation).startswith(_WRAPPED):
+            why = ("it runs only on CUDA and takes padding-free packed sequences (cu_seqlens) that this callback does "
+                   "not reconstruct, so it is not measured (it could not be tested on CPU)"
+                   if str(implementation).startswith("flash_attention") else
+                   "its kernel's masking and scaling are not known to this callback, so it is not measured exactly")
             raise ValueError(
-                f"{owner} does not measure attn_implementation={implementation!r} of {type(model_).__name__}: "
-                f"its kernels do not expose what the heatmaps need exactly. Supported: {', '.join(MEASURED_IMPLEMENTATIONS)} "
-                "(e.g. model.set_attn_implementation('sdpa')), nn.MultiheadAttention, and plain calls of "
-                "torch.nn.functional.scaled_dot_product_attention."
+                f"{owner} does not measure attn_implementation={implementation!r} of {type(model_).__name__}: {why}. "
+                f"Supported: {', '.join(MEASURED_IMPLEMENTATIONS)} (e.g. model.set_attn_implementation('sdpa')), "
+                "nn.MultiheadAttention, and plain calls of torch.nn.functional.scaled_dot_product_attention."
             )
+
+
+def check_attention_sharding(sites: AttentionSites, model: nn.Module, owner: str) -> None:
+    """Refuse tensor parallelism: a parameter of an attention site that is a DTensor no ``fully_shard`` manages
+    (each rank's attention would see only its own heads), or one sharded over more than one mesh dimension
+    (tensor parallelism with FSDP2). FSDP2 alone (``fully_shard`` on a data-parallel mesh) passes: its
+    forward gathers whole q/k projections.
+
+    Raises:
+        ValueError: naming the parameter, its placements and what is supported.
+
+    Example:
+        >>> block = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32), num_layers=2)
+        >>> check_attention_sharding(find_attention_sites(block), block, "AttentionHeatmap")
+    """
+    from lightning_heatmaps.distributed import SUPPORTED, _fsdp2_units, is_dtensor
+
+    units = _fsdp2_units(model)
+    names = {module: name for name, module in model.named_modules()}
+    for site in sites.modules:
+        for module in site.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if not is_dtensor(param):
+                    continue
+                placements = tuple(param.placements)
+                where = ".".join(part for part in (names.get(module, ""), name) if part)
+                if units.get(module) is None or any(p.is_partial() for p in placements) or sum(p.is_shard() for p in placements) > 1:
+                    raise ValueError(
+                        f"{owner} does not support tensor parallelism: parameter {where} is a DTensor sharded as "
+                        f"{placements}{'' if units.get(module) is not None else ' that no `fully_shard` manages'}, so "
+                        f"each rank's attention would see only its own heads (or partial q/k). {SUPPORTED}."
+                    )
 
 
 def find_attention_sites(model: nn.Module, num_heads: int | None = None, first_layer_index: int = 0) -> AttentionSites:
@@ -170,9 +207,9 @@ def find_attention_sites(model: nn.Module, num_heads: int | None = None, first_l
     if not labels:
         raise ValueError(
             f"AttentionHeatmap found no attention it can see in {type(model).__name__}: it looks for Hugging Face "
-            "attention modules (attn_implementation 'eager' or 'sdpa'), nn.MultiheadAttention, and, in a stack of "
-            "repeated blocks (an nn.ModuleList/nn.Sequential) with a head count (a num_heads/n_heads attribute, or "
-            "AttentionHeatmap(num_heads=...)), calls of torch.nn.functional.scaled_dot_product_attention."
+            "attention modules (attn_implementation 'eager', 'sdpa' or 'flex_attention'), nn.MultiheadAttention, "
+            "and, in a stack of repeated blocks (an nn.ModuleList/nn.Sequential) with a head count (a num_heads/n_heads "
+            "attribute, or AttentionHeatmap(num_heads=...)), calls of torch.nn.functional.scaled_dot_product_attention."
         )
     return AttentionSites(kind, labels, heads, modules, models, cross)
 
@@ -208,6 +245,21 @@ def _register(base: str) -> str:
         AttentionInterface.register(name, _wrapped_function(base))
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     return name
+
+
+def _is_block_mask(mask: Any) -> bool:
+    return type(mask).__name__ == "BlockMask" and hasattr(mask, "mask_mod")
+
+
+def _block_mask_rows(block_mask: Any, query: Tensor, key: Tensor) -> Callable[[Tensor], Tensor]:
+    """The allowed keys ``[B, Hq, r, Lk]`` of a chunk of query rows under ``block_mask``."""
+    from lightning_heatmaps.attention import block_mask_allowed
+
+    device = query.device
+    batch = torch.arange(query.shape[0], device=device)[:, None, None, None]
+    head = torch.arange(query.shape[1], device=device)[None, :, None, None]
+    keys = torch.arange(key.shape[-2], device=device)[None, None, None, :]
+    return lambda rows: block_mask_allowed(block_mask, batch, head, rows.to(device)[None, None, :, None], keys)
 
 
 # --- plain SDPA: a torch function mode -----------------------------------------------------------------
@@ -284,6 +336,19 @@ class AttentionTaps:
         row = self.sites.modules.get(module)
         if row is None:
             return
+        if query.shape[1] != self.sites.heads[row]:  # a wrong count would fill another row's cells
+            raise RuntimeError(
+                f"AttentionHeatmap expected {self.sites.heads[row]} query heads in row {self.sites.row_labels[row]} "
+                f"({type(module).__name__}) but its attention call has {query.shape[1]}: tensor parallelism (heads "
+                "split across ranks) is not supported."
+            )
+        bias = kwargs.get("position_bias")  # T5: added to the scores (after scaling; it is not part of q.k)
+        if bias is not None and bias.dim() == 4:
+            bias = bias[..., : key.shape[-2]]
+        if _is_block_mask(mask):  # flex_attention: its mask_mod, on index grids, a chunk of query rows at a time
+            self.record(row, query, key, kwargs.get("scaling"), _block_mask_rows(mask, query, key), False, None,
+                        kwargs.get("softcap"), self._block_mask_query_rows(row, mask, query, key), bias=bias)
+            return
         if mask is not None and mask.dim() == 4:
             mask = mask[..., : key.shape[-2]]
         # sdpa applies a causal mask itself when it was given none; eager applies none.
@@ -293,7 +358,7 @@ class AttentionTaps:
         scale = kwargs.get("scaling")
         window = kwargs.get("sliding_window") if mask is None else None
         self.record(row, query, key, scale, mask, causal, window, kwargs.get("softcap"),
-                    self._query_rows(row, query, key, mask))
+                    self._query_rows(row, query, key, mask), bias=bias)
 
     def _query_rows(self, row: int, query: Tensor, key: Tensor, mask: Tensor | None) -> Tensor | None:
         """Non-padding query rows: in self attention, those that may see themselves; cross attention reuses the
@@ -308,6 +373,21 @@ class AttentionTaps:
             allowed = allowed_keys(mask)
             allowed = allowed.expand(batch, allowed.shape[1], length, length) if allowed.shape[-2] == length else None
             rows = None if allowed is None else torch.diagonal(allowed[:, 0], dim1=-2, dim2=-1)
+        self._rows_by_shape[(batch, length)] = rows
+        return rows
+
+    def _block_mask_query_rows(self, row: int, mask: Any, query: Tensor, key: Tensor) -> Tensor | None:
+        """As :meth:`_query_rows`, for a ``BlockMask``: in self attention, the rows that may see themselves."""
+        batch, length = query.shape[0], query.shape[-2]
+        if row in self.sites.cross:
+            return self._rows_by_shape.get((batch, length))
+        rows = None
+        if key.shape[-2] == length:
+            from lightning_heatmaps.attention import block_mask_allowed
+
+            index = torch.arange(length, device=query.device)
+            batches = torch.arange(batch, device=query.device)[:, None]
+            rows = block_mask_allowed(mask, batches, torch.zeros_like(batches), index[None, :], index[None, :])
         self._rows_by_shape[(batch, length)] = rows
         return rows
 

@@ -11,6 +11,7 @@ MODE:
   ``fsdp1-flat``: the same with use_orig_params=False, which must be refused; ``lens-fsdp1``: llama with a
   ``LogitLensHeatmap`` under FSDPStrategy(use_orig_params=True), which must be refused;
 - ``tp``: 2 ranks of tensor parallelism (colwise q/k/v/up/gate, rowwise o/down): must be refused;
+  ``tp-attention``: the same with an ``AttentionHeatmap`` alone, which must be refused too;
 - ``lens-single`` / ``lens-fsdp2``: llama on one process / ``fsdp2`` on 2 ranks with the three lens callbacks
   (logit lens, probes, interventions), each evaluated at steps 0, 2 and 4, the root sharded with
   ``reshard_after_forward=True``; every rank prints how many evaluations it ran;
@@ -33,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import VOCAB, TokenModel  # noqa: E402
 
 from lightning_heatmaps import (  # noqa: E402
-    ActivationHeatmap, GradientHeatmap, InterventionHeatmap, LogitLensHeatmap, ProbeHeatmap,
+    ActivationHeatmap, AttentionHeatmap, GradientHeatmap, InterventionHeatmap, LogitLensHeatmap, ProbeHeatmap,
 )
 
 warnings.filterwarnings("ignore")
@@ -165,6 +166,8 @@ def main() -> None:
         fit(out_dir, "llama", 2, [LogitLensHeatmap([[3, 4, 5, 6, 7]], every_n_steps=2)], fsdp1=True, enable_checkpointing=False)
     elif mode == "tp":
         fit(out_dir, "llama", 2, core_callbacks(), tensor_parallel=True, enable_checkpointing=False)
+    elif mode == "tp-attention":
+        fit(out_dir, "llama", 2, [AttentionHeatmap(every_n_steps=1)], tensor_parallel=True, enable_checkpointing=False)
     elif mode in ("lens-single", "lens-fsdp2"):
         callbacks = lens_callbacks()
         # The root resharded after its forward too: the logit lens' decoder (root unit) is then gathered for it.

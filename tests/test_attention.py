@@ -52,6 +52,10 @@ FAMILIES = {
         encoder_attention_heads=4, decoder_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=64,
         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
         eos_token_id=2, decoder_start_token_id=2), impl),
+    "t5": lambda impl: _build(T.T5ForConditionalGeneration, T.T5Config(
+        d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=VOCAB,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0, pad_token_id=1,
+        eos_token_id=2, decoder_start_token_id=2), impl),
 }
 
 
@@ -109,6 +113,13 @@ def _sites(model):
     if isinstance(model, T.BertForMaskedLM):
         return [(l.attention.self.query, l.attention.self.key, 4, 4, None, 8 ** -0.5, "bidirectional", None)
                 for l in model.bert.encoder.layer]
+    if isinstance(model, T.T5ForConditionalGeneration):  # no scaling: T5 folds it into its weights
+        rows = [(b.layer[0].SelfAttention.q, b.layer[0].SelfAttention.k, 4, 4, None, 1.0, "bidirectional", None)
+                for b in model.encoder.block]
+        for b in model.decoder.block:
+            rows.append((b.layer[0].SelfAttention.q, b.layer[0].SelfAttention.k, 4, 4, None, 1.0, "causal", None))
+            rows.append((b.layer[1].EncDecAttention.q, b.layer[1].EncDecAttention.k, 4, 4, None, 1.0, "cross", None))
+        return rows
     rows = [(l.self_attn.q_proj, l.self_attn.k_proj, 4, 4, None, 8 ** -0.5, "bidirectional", None) for l in model.model.encoder.layers]
     for l in model.model.decoder.layers:
         rows.append((l.self_attn.q_proj, l.self_attn.k_proj, 4, 4, None, 8 ** -0.5, "causal", None))
@@ -246,6 +257,8 @@ def check_against_reference(trainer, callback, ref, labels):
     ("gemma2", "eager", ["0", "1"]),
     ("bert", "sdpa", ["0", "1"]),
     ("bart", "sdpa", ["enc.0", "enc.1", "dec.0", "dec_xattn.0", "dec.1", "dec_xattn.1"]),
+    ("t5", "eager", ["enc.0", "enc.1", "dec.0", "dec_xattn.0", "dec.1", "dec_xattn.1"]),
+    ("t5", "sdpa", ["enc.0", "enc.1", "dec.0", "dec_xattn.0", "dec.1", "dec_xattn.1"]),
 ])
 def test_matches_reference_from_model_pieces(tmp_path, family, implementation, labels):
     torch.manual_seed(0)
@@ -458,15 +471,97 @@ def test_no_attention_is_a_clear_error_at_fit_start(tmp_path):
         trainer.fit(PaddedModel(bloom), padded_loader())
 
 
+class FrozenModel(PaddedModel):
+    """Trains a scale of the logits alone: the attention inputs need no gradient, so flex_attention runs on CPU
+    (torch 2.13 has no flex_attention backward on CPU), and the training step still has a backward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        model.requires_grad_(False)
+        self.temperature = nn.Parameter(torch.ones(()))
+
+    def training_step(self, batch, batch_idx):
+        logits = self.model(**self.inputs(batch)).logits.float() * self.temperature
+        return logits.logsumexp(-1).mean() + logits.square().mean()
+
+
+@pytest.mark.parametrize(("family", "labels"), [
+    ("gemma2", ["0", "1"]),
+    ("bart", ["enc.0", "enc.1", "dec.0", "dec_xattn.0", "dec.1", "dec_xattn.1"]),
+])
+def test_flex_attention_matches_reference_from_model_pieces(tmp_path, family, labels):
+    """flex_attention's BlockMasks with padding (Gemma 2: GQA, causal, sliding window, soft-cap; BART:
+    bidirectional, causal and cross attention), measured in a fit."""
+    torch.manual_seed(0)
+    model = FAMILIES[family]("flex_attention")
+    callback = AttentionHeatmap(every_n_steps=2, min_render_interval_seconds=0)
+    ref = Reference(2)
+    trainer = make_trainer(tmp_path, [ref, callback], max_steps=3)
+    trainer.fit(FrozenModel(model), padded_loader(length=20))
+    assert sorted(ref.values) == [0, 2]
+    check_against_reference(trainer, callback, ref, labels)
+    assert model.config._attn_implementation == "flex_attention"
+
+
 def test_unmeasured_implementation_and_bad_arguments_are_refused(tmp_path):
-    model = FAMILIES["llama"]("flex_attention")
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register("my_kernel", sdpa_attention_forward)
+    AttentionMaskInterface.register("my_kernel", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model = FAMILIES["llama"]("my_kernel")
     trainer = make_trainer(tmp_path, [AttentionHeatmap(every_n_steps=1)], max_steps=1)
-    with pytest.raises(ValueError, match="does not measure attn_implementation='flex_attention' of LlamaForCausalLM.*Supported: eager, sdpa"):
+    with pytest.raises(ValueError, match="does not measure attn_implementation='my_kernel' of LlamaForCausalLM: its "
+                                         "kernel's masking.*Supported: eager, sdpa, flex_attention"):
         trainer.fit(PaddedModel(model), padded_loader())
     with pytest.raises(ValueError, match=r"Invalid value for query_stride=0: must be an integer >= 1"):
         AttentionHeatmap(query_stride=0)
     with pytest.raises(ValueError, match=r"Invalid value for metrics='logit'"):
         AttentionHeatmap(metrics="logit")
+
+
+def test_tensor_parallel_attention_is_refused_at_fit_start(tmp_path):
+    """q/k projections split by parallelize_module (column-parallel: each rank would see its own heads) are
+    refused when fit starts; the same model with fully_shard alone (FSDP2) is accepted."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from lightning_heatmaps.attention_sites import check_attention_sharding, find_attention_sites
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = FAMILIES["llama"]("sdpa")
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.model.layers:
+            parallelize_module(layer.self_attn, mesh, {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel()})
+        trainer = make_trainer(tmp_path, [AttentionHeatmap(every_n_steps=1)], max_steps=1)
+        with pytest.raises(ValueError, match=r"AttentionHeatmap does not support tensor parallelism: parameter "
+                                             r"model.model.layers.0.self_attn.q_proj.weight is a DTensor sharded as "
+                                             r"\(Shard\(dim=0\),\) that no `fully_shard` manages.*FSDP2"):
+            trainer.fit(PaddedModel(model), padded_loader())
+        sharded = FAMILIES["llama"]("sdpa")
+        for layer in sharded.model.layers:
+            fully_shard(layer, mesh=mesh)
+        check_attention_sharding(find_attention_sites(sharded), sharded, "AttentionHeatmap")  # FSDP2: accepted
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_attention_call_with_another_head_count_is_an_error_not_a_shifted_row(tmp_path):
+    """As under tensor parallelism, where each rank's call has its own heads only: the module says 8 heads
+    (its config, after the model was built with 4), the call has 4."""
+    torch.manual_seed(0)
+    model = FAMILIES["llama"]("sdpa")
+    model.config.num_attention_heads = 8
+    trainer = make_trainer(tmp_path, [AttentionHeatmap(every_n_steps=1)], max_steps=1)
+    with pytest.raises(RuntimeError, match=r"expected 8 query heads in row 0 \(LlamaAttention\) but its attention "
+                                           r"call has 4: tensor parallelism"):
+        trainer.fit(PaddedModel(model), padded_loader())
 
 
 def test_nan_logits_make_the_cell_nan_warn_once_and_training_goes_on(tmp_path):
@@ -520,6 +615,33 @@ def test_attention_statistics_chunks_strides_and_gqa_against_direct_computation(
     np.testing.assert_allclose(total / rows, entropy[:, :, ::4].mean(dim=(0, 2)), rtol=1e-5)
     assert (top <= logits.masked_fill(~allowed, -math.inf).amax(dim=(0, 2, 3))).all()
     assert allowed_keys(additive).equal(allowed)
+
+
+def test_block_mask_is_read_element_by_element_with_full_and_partial_blocks():
+    """A BlockMask with 4 x 4 blocks (full blocks inside the window, partial ones on its edges) and a per-batch,
+    per-head mask_mod, evaluated chunk by chunk, equals the dense mask the mask_mod describes."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from lightning_heatmaps.attention import block_mask_allowed
+
+    length, window = 12, 8
+    keep = torch.tensor([[True] * 12, [True] * 9 + [False] * 3])  # batch 1: the last 3 keys are padding
+
+    def mask_mod(b, h, q, kv):
+        return (kv <= q) & (kv > q - window) & keep[b, kv] & ((h == 0) | (kv != q))  # head 1 never sees itself
+
+    block_mask = create_block_mask(mask_mod, 2, 2, length, length, device="cpu", BLOCK_SIZE=4)
+    assert block_mask.full_kv_num_blocks is not None and int(block_mask.full_kv_num_blocks.sum()) > 0
+    index = torch.arange(length)
+    batch, head, keys = index[:2, None, None, None], index[None, :2, None, None], index[None, None, None, :]
+    dense = mask_mod(batch, head, index[None, None, :, None], keys)
+    assert block_mask_allowed(block_mask, batch, head, index[None, None, :, None], keys).equal(dense)
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 2, length, 8, generator=generator), torch.randn(2, 2, length, 8, generator=generator)
+    by_chunk = lambda rows: block_mask_allowed(block_mask, batch, head, rows[None, None, :, None], keys)
+    for chunk_bytes in (1, 10**9):
+        np.testing.assert_allclose(attention_statistics(q, k, 0.5, by_chunk, softcap=3.0, chunk_bytes=chunk_bytes),
+                                   attention_statistics(q, k, 0.5, dense, softcap=3.0), rtol=1e-6)
 
 
 # --- DDP and FSDP2: every rank measures its rows, one collective pools them -------------------------------

@@ -447,6 +447,55 @@ def test_browser_shows_attention_layer_x_head_with_the_npz_values(dashboard, log
     assert errors == []
 
 
+def _line_pixels_near(chart, step, value, color=(31, 119, 180)):
+    """Whether the chart has a pixel of the line's colour within 2 px of where (step, value) is drawn."""
+    data = chart.evaluate("c => ({...c.dataset})")
+    left, top, width, height, first, last, low, high = (float(data[key]) for key in (
+        "plotLeft", "plotTop", "plotWidth", "plotHeight", "firstStep", "lastStep", "low", "high"))
+    x = left + (step - first) / ((last - first) or 1) * width
+    y = top + height - (value - low) / (high - low) * height
+    pixels = chart.evaluate("""(c, [x, y]) => {
+        const ratio = c.width / c.getBoundingClientRect().width;
+        const box = c.getContext("2d").getImageData(Math.round((x - 2) * ratio), Math.round((y - 2) * ratio),
+                                                    Math.round(5 * ratio), Math.round(5 * ratio));
+        return Array.from(box.data);
+    }""", [x, y])
+    rgba = np.array(pixels, dtype=float).reshape(-1, 4)
+    return bool((np.abs(rgba[:, :3] - color).sum(axis=1)[rgba[:, 3] > 128] < 60).any()), (x, y)
+
+
+def test_browser_attention_per_head_line_equals_the_matrices_and_the_npz(dashboard, logdir):
+    """Click a (layer, head) cell of the layer x head view: the line over steps, read by hover and by its pixels,
+    is that head's value at every sample (the matrices route; the latest sample's is the npz's)."""
+    page, frame, errors = dashboard
+    _show(frame, "train", "matrices/attention_max_logit")
+    root = logdir / "train" / "heatmaps" / "attention_max_logit"
+    latest, history = np.load(root / "layer_x_head.npz"), np.load(root / "layer_x_step.npz")
+    steps, values = decode_values(page.request.get(
+        f"{page.url.split('#')[0]}data/plugin/{PLUGIN_NAME}/values?run=train&tag=matrices/attention_max_logit").body())
+    assert steps.tolist() == [0, 3, 6, 9] == history["steps"].tolist()
+    for row, column in [(1, 2), (0, 3)]:
+        expected = values[:, row, column]
+        assert np.float32(expected[-1]) == np.float32(latest["values"][row, column])
+        canvas = frame.locator("canvas.lh-heatmap").first
+        canvas.click(position=_cell_position(canvas, row, column))
+        chart = frame.locator(f'#lh-chart[data-row="{row}"][data-column="{column}"]')  # the clicked cell's, once drawn
+        chart.wait_for(state="visible")
+        assert chart.get_attribute("data-points") == "4"
+        data = chart.evaluate("c => ({...c.dataset})")
+        assert float(data["low"]) == pytest.approx(float(np.min(expected)), rel=1e-6) and float(data["high"]) == pytest.approx(float(np.max(expected)), rel=1e-6)
+        for step, value in zip(steps.tolist(), expected):
+            found, (x, y) = _line_pixels_near(chart, step, float(value))
+            assert found, f"no line pixel at step {step}, value {value} ({x:.1f}, {y:.1f})"
+            chart.hover(position={"x": x, "y": y})
+            tooltip = frame.locator(f'#lh-tooltip[data-step="{step}"]')
+            tooltip.wait_for(state="visible")
+            shown = tooltip.evaluate("t => ({...t.dataset})")
+            assert (shown["row"], shown["column"], shown["step"]) == (str(row), str(column), str(step))
+            assert np.float32(shown["value"]) == np.float32(value)
+    assert errors == []
+
+
 def test_browser_non_finite_values_click_chart_and_compare(dashboard, tmp_path):
     page, frame, errors = dashboard
     _show(frame, "special", "matrices/grad_norm")

@@ -82,6 +82,12 @@ def test_tensor_parallel_is_refused_without_hanging(tmp_path):
     assert "does not support tensor parallelism (ModelParallelStrategy with tensor_parallel_size=2)" in result.stderr
 
 
+def test_tensor_parallel_is_refused_for_attention_heatmap_without_hanging(tmp_path):
+    result = _run(tmp_path, "tp-attention", timeout=150)
+    assert result.returncode != 0
+    assert "AttentionHeatmap does not support tensor parallelism (ModelParallelStrategy with tensor_parallel_size=2)" in result.stderr
+
+
 LENS_FILES = ["intervention_jsd/layer_x_site.npz", "intervention_jsd/layer_x_step.npz", "logit_lens/layer_x_step.npz",
               "logit_lens/prompt_0.npz", "logit_lens/prompt_1.npz", "probe_auc/layer_x_position.npz",
               "probe_auc/layer_x_step.npz"]

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from tensorboard.util import tensor_util
 
 from conftest import TokenModel, make_trainer, read_events, scalar_series, tiny_llama, token_loader
-from lightning_heatmaps import ActivationHeatmap, GradientHeatmap, RobustBaseline, Sample, SpikeAlert, SpikeMonitor
+from lightning_heatmaps import ActivationHeatmap, AttentionHeatmap, GradientHeatmap, RobustBaseline, Sample, SpikeAlert, SpikeMonitor
 from lightning_heatmaps.spikes import first_departures, rank_departures
 from lightning_heatmaps_tensorboard.metadata import ALERT_TAG, decode_alert
 
@@ -205,6 +205,33 @@ def test_planted_layer_fault_is_named_first_in_alerts_jsonl_events_and_scalars(t
     assert sorted(logged) == [s for s in range(50) if math.isfinite(expected[s])]
     for step, value in logged.items():
         assert value == pytest.approx(expected[step], rel=1e-5, abs=1e-5), step
+
+
+class PlantQueryFault(Callback):
+    """At ``step``, before its forward: multiply one layer's q_proj weight (its attention logits grow)."""
+
+    def __init__(self, step, layer, factor):
+        self.step, self.layer, self.factor = step, layer, factor
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.model.layers[self.layer].self_attn.q_proj.weight.mul_(self.factor)
+
+
+def test_attention_heatmap_series_are_watched_and_a_query_fault_is_named_first(tmp_path):
+    """SpikeAlert with AttentionHeatmap alone: layer 2's q_proj x30 at step 41 is an alert whose first-named
+    cell is layer 2's attention_max_logit (read back from alerts.jsonl)."""
+    torch.manual_seed(0)
+    alert = SpikeAlert(**SMALL, dense_capture_steps=0)
+    callbacks = [alert, AttentionHeatmap(every_n_steps=2, min_render_interval_seconds=0), PlantQueryFault(41, 2, 30.0)]
+    trainer = make_trainer(tmp_path, callbacks, max_steps=50)
+    trainer.fit(TokenModel(tiny_llama(3), lr=1e-3), token_loader(batches=50))
+    records = _alerts(trainer)
+    assert records and all(record["step"] >= 41 for record in records), records
+    first = records[0]["layers"][0]
+    assert (first["layer"], first["metric"], first["first_step"]) == ("2", "attention_max_logit", 42), records[0]["layers"]
+    assert first["z"] > 6
 
 
 def test_a_nan_loss_always_alerts_even_in_warmup_and_without_heatmap_callbacks(tmp_path):

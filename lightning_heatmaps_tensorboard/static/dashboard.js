@@ -128,6 +128,10 @@ export class Dashboard {
     this.tooltip = element("div", {id: "lh-tooltip", class: "lh-tooltip", hidden: ""});
     this.chartCanvas = element("canvas", {id: "lh-chart"});
     this.chart = element("div", {class: "lh-chart", hidden: ""}, [this.chartCanvas]);
+    this.chartCanvas.addEventListener("mousemove", (event) => this.hoverChart(event));
+    this.chartCanvas.addEventListener("mouseleave", () => {
+      this.tooltip.hidden = true;
+    });
     this.status = element("div", {id: "lh-status", class: "lh-status"});
     this.message = element("div", {id: "lh-message", class: "lh-message"});
     this.root.replaceChildren(
@@ -893,10 +897,34 @@ export class Dashboard {
     this.update({cell: {row: cell.row, column: cell.column}});
   }
 
+  // The line chart's hover: the first run's sample nearest the pointer, its step and exact value.
+  hoverChart(event) {
+    const drawn = this.chartLines;
+    const index = drawn ? drawn.nearest(event.offsetX) : -1;
+    if (index < 0) {
+      this.tooltip.hidden = true;
+      return;
+    }
+    const {lines, content, cell, reason} = drawn;
+    const [line] = lines;
+    const value = reason || formatExact(line.values[index]);
+    const label = `${content.row_axis || "layer"} ${content.row_labels[cell.row]} · ${content.column_labels[cell.column]}`;
+    this.tooltip.replaceChildren(...[line.label, label, `step ${line.steps[index]}`, value].map(
+      (text, position) => element("div", {text, class: position === 3 ? "lh-value" : ""})));
+    Object.assign(this.tooltip.dataset, {row: String(cell.row), column: String(cell.column), step: String(line.steps[index]),
+                                         value, run: line.label, tag: "", z: "", binFirst: "", binLast: ""});
+    this.tooltip.hidden = false;
+    const x = Math.min(event.clientX + 14, window.innerWidth - this.tooltip.offsetWidth - 4);
+    const y = Math.min(event.clientY + 14, window.innerHeight - this.tooltip.offsetHeight - 4);
+    this.tooltip.style.left = `${x + window.scrollX}px`;
+    this.tooltip.style.top = `${y + window.scrollY}px`;
+  }
+
   renderChart(content, seriesList, missing) {
     const cell = this.state.cell;
     if (!cell || cell.row >= content.row_labels.length || cell.column >= content.column_labels.length) {
       this.chart.hidden = true;
+      this.chartLines = null;
       return;
     }
     this.chart.hidden = false;
@@ -910,9 +938,10 @@ export class Dashboard {
     const reason = missing.get(cell.row * content.column_labels.length + cell.column);
     const title = `${content.metric}: ${content.row_axis || "layer"} ${content.row_labels[cell.row]} · ${content.column_labels[cell.column]} over steps${reason ? ` (${reason})` : ""}`;
     const primary = seriesList[0];
-    drawLineChart(this.chartCanvas, {
+    const nearest = drawLineChart(this.chartCanvas, {
       title, lines, log: this.state.scale === "log", currentStep: primary.steps[this.state.sample],
     }, Math.max(320, this.root.clientWidth - 8), 220);
+    this.chartLines = {lines, nearest, content, cell, reason};
     this.chartCanvas.dataset.row = String(cell.row);
     this.chartCanvas.dataset.column = String(cell.column);
     this.chartCanvas.dataset.points = String(primary.samples);

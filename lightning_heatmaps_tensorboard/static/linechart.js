@@ -1,5 +1,6 @@
 // A line chart of one cell over steps (one line per run), on a <canvas>. Non-finite values break the line
-// and are marked with a magenta tick at the bottom.
+// and are marked with a magenta tick at the bottom. Returns `nearest(offsetX)`: the first line's sample
+// closest to a pointer's x (its index), or -1, for the dashboard's hover.
 
 import {FONT, prepareCanvas} from "./canvas.js";
 import {formatShort, formatStep, niceTicks} from "./colors.js";
@@ -35,7 +36,7 @@ export function drawLineChart(canvas, {title, lines, log, currentStep}, cssWidth
   context.font = FONT;
   if (!Number.isFinite(first)) {
     context.fillText("no samples", left, top + 20);
-    return;
+    return () => -1;
   }
   if (!(high > low)) {
     const middle = Number.isFinite(low) ? low : 0;
@@ -45,6 +46,11 @@ export function drawLineChart(canvas, {title, lines, log, currentStep}, cssWidth
   const span = last > first ? last - first : 1;
   const x = (step) => left + ((step - first) / span) * width;
   const y = (value) => top + height - ((value - low) / (high - low)) * height;
+  // The axes, as the heatmap canvas gives its own: a reader (or a test) maps a step and value to a pixel.
+  for (const [key, value] of Object.entries({plotLeft: left, plotTop: top, plotWidth: width, plotHeight: height,
+                                              firstStep: first, lastStep: last, low, high, log: Boolean(log)})) {
+    canvas.dataset[key] = String(value);
+  }
 
   context.strokeStyle = "#999";
   context.strokeRect(left - 0.5, top - 0.5, width + 1, height + 1);
@@ -100,4 +106,14 @@ export function drawLineChart(canvas, {title, lines, log, currentStep}, cssWidth
     context.fillStyle = line.color;
     context.fillText(line.label, left + width - 4, top + 4 + 14 * index);
   });
+  const steps = lines.length ? lines[0].steps : [];
+  return (offsetX) => {
+    let best = -1;
+    for (let i = 0; i < steps.length; i++) {
+      if (best < 0 || Math.abs(x(steps[i]) - offsetX) < Math.abs(x(steps[best]) - offsetX)) {
+        best = i;
+      }
+    }
+    return best;
+  };
 }
