@@ -165,8 +165,11 @@ class SpikeAlert(Callback):
             # Run after the heatmap callbacks in each hook, so a step's samples have arrived when it is checked.
             last = max(callbacks.index(callback) for callback in self._heatmaps)
             if callbacks.index(self) < last:
-                callbacks.remove(self)
-                callbacks.insert(last, self)
+                # A new list, not an edit of the one Lightning is iterating to call this very hook: editing it
+                # in place would call this setup twice (every sample observed twice) and skip another's setup.
+                reordered = [callback for callback in callbacks if callback is not self]
+                reordered.insert(last, self)
+                trainer.callbacks = reordered
         self._own_grad_norm = not any(
             isinstance(callback, GradientHeatmap) and any(m.endswith("grad_norm") for m in callback.metric_names)
             for callback in self._heatmaps
@@ -308,8 +311,11 @@ class SpikeAlert(Callback):
             self._observe_grad_norm(step, norm)
         samples, self._samples = self._samples, []
         for sample in sorted(samples, key=lambda s: s.step):
+            # A head or an expert is named as such ("head 3"); a component by its own label ("mlp.up").
+            columns = [label if sample.column_axis == "component" else f"{sample.column_axis} {label}"
+                       for label in sample.column_labels]
             largest = self.monitor.observe_series(sample.step, sample.metrics, sample.missing, sample.nonfinite,
-                                                  sample.layer_labels, sample.column_labels,
+                                                  sample.layer_labels, columns,
                                                   backward=sample.callback == GradientHeatmap.__name__)
             if math.isfinite(largest):
                 scalars["spike/max_layer_z"] = (largest, sample.step)
