@@ -1,0 +1,133 @@
+"""Run by tests/test_trainers.py in a subprocess: the same tiny Llama, data and seed under each trainer.
+
+    python tests/trainers_script.py OUT_DIR lightning|loop|loop_ddp|fabric|fabric_ddp|hf|hf_ddp [OPTIONS...]
+
+Global batch b = rows 4b .. 4b+3 of DATA; one process takes all 4, rank r of 2 takes rows 4b+r and 4b+r+2.
+Every run: AdamW(lr=1e-2), 5 optimizer steps, ActivationHeatmap/Monitor (rms) and GradientHeatmap/Monitor
+(grad_norm, update_ratio) every 2 steps. Scalars go to the TensorBoard run under OUT_DIR.
+"""
+
+import os
+import sys
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import VOCAB, tiny_llama  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+DATA = torch.randint(0, VOCAB, (20, 12), generator=torch.Generator().manual_seed(0))
+STEPS, EVERY = 5, 2
+GRADIENT_METRICS = ["grad_norm", "update_ratio"]
+
+
+def rows(rank: int, world: int) -> torch.Tensor:
+    return DATA.view(STEPS, 4, 12)[:, rank::world].reshape(-1, 12)
+
+
+def loader(rank: int, world: int):
+    return torch.utils.data.DataLoader(rows(rank, world), batch_size=4 // world, shuffle=False)
+
+
+def model_and_optimizer():
+    torch.manual_seed(0)
+    model = tiny_llama(2)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def run_lightning(out_dir: str) -> None:
+    import lightning as L
+
+    from lightning_heatmaps import ActivationHeatmap, GradientHeatmap
+
+    from conftest import TokenModel
+
+    class Model(TokenModel):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    torch.manual_seed(0)
+    model = Model(tiny_llama(2))
+    trainer = L.Trainer(
+        default_root_dir=out_dir, max_steps=STEPS, accelerator="cpu", devices=1, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
+        callbacks=[ActivationHeatmap(every_n_steps=EVERY, min_render_interval_seconds=0),
+                   GradientHeatmap(metrics=GRADIENT_METRICS, every_n_steps=EVERY, min_render_interval_seconds=0)],
+    )
+    trainer.fit(model, loader(0, 1))
+
+
+def run_loop(out_dir: str, rank: int = 0, world: int = 1) -> None:
+    from lightning_heatmaps.core import ActivationMonitor, GradientMonitor
+    from lightning_heatmaps.loop import Monitor
+
+    model, optimizer = model_and_optimizer()
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    monitor = Monitor(model, [ActivationMonitor(every_n_steps=EVERY, min_render_interval_seconds=0),
+                              GradientMonitor(metrics=GRADIENT_METRICS, every_n_steps=EVERY, min_render_interval_seconds=0)],
+                      log_dir=os.path.join(out_dir, "run"))
+    for batch in loader(rank, world):
+        with monitor.step():
+            loss = model(input_ids=batch, labels=batch).loss
+            monitor.backward(loss)
+            monitor.before_optimizer_step()
+            optimizer.step()
+            optimizer.zero_grad()
+    monitor.close()
+
+
+def _ddp_worker(rank: int, out_dir: str, mode: str, port: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE="2")
+    import datetime
+
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    try:
+        {"loop_ddp": run_loop, "fabric_ddp": run_fabric}[mode](out_dir, rank, 2)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_fabric(out_dir: str, rank: int = 0, world: int = 1) -> None:
+    from lightning.fabric import Fabric
+    from lightning.fabric.loggers import TensorBoardLogger
+
+    from lightning_heatmaps.fabric import ActivationHeatmap, GradientHeatmap
+
+    callbacks = [ActivationHeatmap(every_n_steps=EVERY, min_render_interval_seconds=0),
+                 GradientHeatmap(metrics=GRADIENT_METRICS, every_n_steps=EVERY, min_render_interval_seconds=0)]
+    fabric = Fabric(accelerator="cpu", devices=1, callbacks=callbacks,
+                    loggers=TensorBoardLogger(out_dir, name="run", version=""))
+    model, optimizer = model_and_optimizer()
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    fabric.call("on_train_start", model=model)
+    for step, batch in enumerate(loader(rank, world)):
+        fabric.call("on_train_batch_start", step=step)
+        loss = model(input_ids=batch, labels=batch).loss
+        fabric.call("on_before_backward")
+        loss.backward()
+        fabric.call("on_before_optimizer_step", optimizer=optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+        fabric.call("on_train_batch_end", step=step + 1)
+    fabric.call("on_train_end")
+
+
+def main() -> None:
+    out_dir, mode = sys.argv[1], sys.argv[2]
+    if mode.endswith("_ddp"):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+        torch.multiprocessing.spawn(_ddp_worker, args=(out_dir, mode, port), nprocs=2)
+    else:
+        {"lightning": run_lightning, "loop": run_loop, "fabric": run_fabric}[mode](out_dir)
+
+
+if __name__ == "__main__":
+    main()
