@@ -12,8 +12,9 @@ from conftest import read_events, scalar_series
 SCRIPT = os.path.join(os.path.dirname(__file__), "trainers_script.py")
 
 
-def _run(out_dir, mode, timeout=240):
-    result = subprocess.run([sys.executable, SCRIPT, str(out_dir), mode], capture_output=True, text=True, timeout=timeout)
+def _run(out_dir, mode, *extra, timeout=240, command=None):
+    command = command or [sys.executable, SCRIPT]
+    result = subprocess.run([*command, str(out_dir), mode, *extra], capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     (directory,) = sorted({os.path.dirname(p) for p in glob.glob(f"{out_dir}/**/events.out.tfevents.*", recursive=True)})
     return directory
@@ -24,25 +25,30 @@ def lightning_run(tmp_path_factory):
     return _run(tmp_path_factory.mktemp("lightning"), "lightning")
 
 
-def _assert_same_heatmaps(expected_dir, actual_dir, rel):
+METRICS = ("activation_rms", "grad_norm", "update_ratio")
+
+
+def _assert_same_heatmaps(expected_dir, actual_dir, rel, shift=0):
+    """``actual``'s sample at step ``s + shift`` equals ``expected``'s at ``s`` (the Hugging Face Trainer numbers an
+    optimizer step by the ``global_step`` after it, Lightning by the one before), for every sample of ``expected``."""
     expected, actual = read_events(expected_dir), read_events(actual_dir)
     tags = [t for t in expected.Tags()["scalars"] if t.split("/")[0] in ("activation_rms", "grad_norm", "update_ratio")]
     assert len(tags) == 3 * 2 * 8  # 3 metrics x 2 layers x (7 components + all)
     assert sorted(t for t in actual.Tags()["scalars"] if t.split("/")[0] in ("activation_rms", "grad_norm", "update_ratio")) == sorted(tags)
     for tag in tags:
         want, got = scalar_series(expected, tag), scalar_series(actual, tag)
-        assert sorted(got) == sorted(want) == [0, 2, 4], tag
+        assert sorted(want) == [0, 2, 4], tag
+        assert sorted(got) == ([0, 2, 4] if not shift else [1, 2, 3, 4, 5]), tag
         for step in want:
-            assert got[step] == pytest.approx(want[step], rel=rel), (tag, step)
+            assert got[step + shift] == pytest.approx(want[step], rel=rel), (tag, step)
     import numpy as np
 
     for metric in ("activation_rms", "grad_norm", "update_ratio"):
         a = np.load(f"{expected_dir}/heatmaps/{metric}/layer_x_step.npz")
         b = np.load(f"{actual_dir}/heatmaps/{metric}/layer_x_step.npz")
-        assert b["steps"].tolist() == a["steps"].tolist() == [0, 2, 4]
-        np.testing.assert_allclose(b["values"], a["values"], rtol=rel)
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: F401
-
+        assert a["steps"].tolist() == [0, 2, 4]
+        assert b["steps"].tolist() == ([0, 2, 4] if not shift else [1, 2, 3, 4, 5])
+        np.testing.assert_allclose(b["values"][:, ::2] if shift else b["values"], a["values"], rtol=rel)
     assert set(actual.Tags()["images"]) == set(expected.Tags()["images"])
 
 
@@ -60,3 +66,50 @@ def test_core_imports_neither_lightning_nor_transformers():
             "'pytorch_lightning', 'transformers')); print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+
+
+# --- Hugging Face Trainer ---------------------------------------------------------------------------------------
+
+
+def test_hf_trainer_equals_lightning_one_writer_per_directory(tmp_path, lightning_run):
+    directory = _run(tmp_path, "hf")
+    assert len(glob.glob(f"{directory}/events.out.tfevents.*")) == 1  # the TensorBoardCallback's writer, reused
+    events = read_events(directory)
+    assert sorted(scalar_series(events, "train/loss")) == [1, 2, 3, 4, 5]  # aligned with the Trainer's own scalars
+    _assert_same_heatmaps(lightning_run, directory, rel=1e-5, shift=1)
+
+
+def test_hf_gradients_are_read_before_clipping(tmp_path):
+    """With max_grad_norm=1e-5 the first step's gradients equal the unclipped run's and an independent reference."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import trainers_script
+
+    model, _ = trainers_script.model_and_optimizer()
+    batch = trainers_script.DATA[:4]
+    model(input_ids=batch, labels=batch).loss.backward()
+    layer = model.model.layers[1]
+    reference = {"attn.q": layer.self_attn.q_proj.weight.grad.norm().item(),
+                 "mlp.down": layer.mlp.down_proj.weight.grad.norm().item()}
+    assert min(reference.values()) > 1e-3  # 100 times what clipping to 1e-5 in total would leave
+    clipped = read_events(_run(tmp_path / "clip", "hf", "clip"))
+    assert scalar_series(clipped, "train/grad_norm")[1] > 1e-3  # the Trainer did clip this run (pre-clip norm)
+    for component, expected in reference.items():
+        assert scalar_series(clipped, f"grad_norm/layer_1/{component}")[1] == pytest.approx(expected, rel=1e-5)
+
+
+def test_hf_gradient_accumulation_equals_one_batch(tmp_path, lightning_run):
+    _assert_same_heatmaps(lightning_run, _run(tmp_path, "hf", "accumulation"), rel=2e-4, shift=1)
+
+
+def test_hf_peft_lora_adapters_monitored_frozen_base_shown_frozen(tmp_path):
+    import numpy as np
+
+    directory = _run(tmp_path, "hf", "peft")
+    events = read_events(directory)
+    grads = [t for t in events.Tags()["scalars"] if t.startswith("grad_norm/")]
+    saved = np.load(f"{directory}/heatmaps/grad_norm/layer_x_component.npz")
+    print(grads, {k: saved[k] for k in saved.files})
+    assert any(t.endswith("attn.q") for t in grads) and any(t.endswith("attn.v") for t in grads)
+    assert not any(t.endswith(("attn.k", "mlp.up")) for t in grads)  # frozen: no scalar, never a 0

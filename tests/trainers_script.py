@@ -116,15 +116,55 @@ def run_fabric(out_dir: str, rank: int = 0, world: int = 1) -> None:
     fabric.call("on_train_end")
 
 
+class Rows(torch.utils.data.IterableDataset):
+    """The rows in order (no sampler, no shuffling): under DDP accelerate hands each rank its part of every batch."""
+
+    def __iter__(self):
+        for row in DATA:
+            yield {"input_ids": row, "labels": row}
+
+
+def run_hf(out_dir: str, variant: str) -> None:
+    import transformers
+
+    from lightning_heatmaps.hf import ActivationHeatmap, GradientHeatmap
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    model, optimizer = model_and_optimizer()
+    if variant == "peft":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_alpha=8))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    accumulation = 2 if variant == "accumulation" else 1
+    args = transformers.TrainingArguments(
+        output_dir=out_dir, use_cpu=True, report_to=["tensorboard"] if variant != "no_tensorboard" else [],
+        max_steps=STEPS, logging_steps=1,
+        per_device_train_batch_size=4 // world // accumulation, gradient_accumulation_steps=accumulation,
+        max_grad_norm=1e-5 if variant == "clip" else 0.0, save_strategy="no", disable_tqdm=True,
+        ddp_backend="gloo" if world > 1 else None, seed=0, data_seed=0,
+    )
+    os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(out_dir, "run")  # transformers 5: the TensorBoard run
+    callbacks = [ActivationHeatmap(every_n_steps=1, min_render_interval_seconds=0),
+                 GradientHeatmap(metrics=GRADIENT_METRICS, every_n_steps=1, min_render_interval_seconds=0)]
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=Rows(), callbacks=callbacks,
+        optimizers=(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)),
+    )
+    trainer.train()
+
+
 def main() -> None:
     out_dir, mode = sys.argv[1], sys.argv[2]
-    if mode.endswith("_ddp"):
+    if mode in ("loop_ddp", "fabric_ddp"):
         import socket
 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = str(sock.getsockname()[1])
         torch.multiprocessing.spawn(_ddp_worker, args=(out_dir, mode, port), nprocs=2)
+    elif mode.startswith("hf"):
+        run_hf(out_dir, sys.argv[3] if len(sys.argv) > 3 else "plain")
     else:
         {"lightning": run_lightning, "loop": run_loop, "fabric": run_fabric}[mode](out_dir)
 

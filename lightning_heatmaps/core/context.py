@@ -41,18 +41,21 @@ class RunContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def for_directory(cls, log_dir: str, writer: Any = None, default_every_n_steps: int = 50, trainer: str = "loop") -> RunContext:
+    def for_directory(
+        cls, log_dir: str, writer: Any = None, default_every_n_steps: int = 50, trainer: str = "loop",
+        files_dir: str | None = None,
+    ) -> RunContext:
         """A context writing into the TensorBoard run ``log_dir`` on rank zero.
 
         ``writer``: a ``torch.utils.tensorboard.SummaryWriter`` already writing into ``log_dir`` (reused, so a
         directory never gets two writers); ``None`` opens one, shared by every monitor of this context and closed by
-        :meth:`close`. Images, ``.npz`` files and PNGs go under ``<log_dir>/heatmaps``.
+        :meth:`close`. ``.npz`` files go under ``files_dir`` (default ``<log_dir>/heatmaps``).
         """
         from lightning_heatmaps._worker import BackgroundWriter
         from lightning_heatmaps.sinks import RunOutputs, TensorBoardSink
 
         is_zero = process_rank() == 0
-        directory = os.path.join(log_dir, "heatmaps")
+        directory = files_dir or os.path.join(log_dir, "heatmaps")
         holder: dict[str, Any] = {"writer": writer, "owned": False}
 
         def open_outputs(owner: str) -> RunOutputs:
