@@ -1,6 +1,6 @@
 """Run by tests/test_trainers.py in a subprocess: the same tiny Llama, data and seed under each trainer.
 
-    python tests/trainers_script.py OUT_DIR lightning|loop|loop_ddp|fabric|fabric_ddp|hf|hf_ddp [OPTIONS...]
+    python tests/trainers_script.py OUT_DIR lightning|loop|loop_ddp|hf [plain|clip|accumulation|peft]
 
 Global batch b = rows 4b .. 4b+3 of DATA; one process takes all 4, rank r of 2 takes rows 4b+r and 4b+r+2.
 Every run: AdamW(lr=1e-2), 5 optimizer steps, ActivationHeatmap/Monitor (rms) and GradientHeatmap/Monitor
@@ -85,35 +85,9 @@ def _ddp_worker(rank: int, out_dir: str, mode: str, port: str) -> None:
 
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
     try:
-        {"loop_ddp": run_loop, "fabric_ddp": run_fabric}[mode](out_dir, rank, 2)
+        run_loop(out_dir, rank, 2)
     finally:
         torch.distributed.destroy_process_group()
-
-
-def run_fabric(out_dir: str, rank: int = 0, world: int = 1) -> None:
-    from lightning.fabric import Fabric
-    from lightning.fabric.loggers import TensorBoardLogger
-
-    from lightning_heatmaps.fabric import ActivationHeatmap, GradientHeatmap
-
-    callbacks = [ActivationHeatmap(every_n_steps=EVERY, min_render_interval_seconds=0),
-                 GradientHeatmap(metrics=GRADIENT_METRICS, every_n_steps=EVERY, min_render_interval_seconds=0)]
-    fabric = Fabric(accelerator="cpu", devices=1, callbacks=callbacks,
-                    loggers=TensorBoardLogger(out_dir, name="run", version=""))
-    model, optimizer = model_and_optimizer()
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    fabric.call("on_train_start", model=model)
-    for step, batch in enumerate(loader(rank, world)):
-        fabric.call("on_train_batch_start", step=step)
-        loss = model(input_ids=batch, labels=batch).loss
-        fabric.call("on_before_backward")
-        loss.backward()
-        fabric.call("on_before_optimizer_step", optimizer=optimizer)
-        optimizer.step()
-        optimizer.zero_grad()
-        fabric.call("on_train_batch_end", step=step + 1)
-    fabric.call("on_train_end")
 
 
 class Rows(torch.utils.data.IterableDataset):
@@ -156,7 +130,7 @@ def run_hf(out_dir: str, variant: str) -> None:
 
 def main() -> None:
     out_dir, mode = sys.argv[1], sys.argv[2]
-    if mode in ("loop_ddp", "fabric_ddp"):
+    if mode == "loop_ddp":
         import socket
 
         with socket.socket() as sock:
@@ -166,7 +140,7 @@ def main() -> None:
     elif mode.startswith("hf"):
         run_hf(out_dir, sys.argv[3] if len(sys.argv) > 3 else "plain")
     else:
-        {"lightning": run_lightning, "loop": run_loop, "fabric": run_fabric}[mode](out_dir)
+        {"lightning": run_lightning, "loop": run_loop}[mode](out_dir)
 
 
 if __name__ == "__main__":
