@@ -7,19 +7,22 @@ The examples' byte-level Llama (``examples/_common.py``) trains on the standard 
 ``ActivationHeatmap`` (rms) and ``GradientHeatmap`` (grad_norm) sampling every ``--every`` steps and
 ``SpikeAlert`` with its default settings:
 
-1. **Clean run**: alerts per 1000 steps (every alert is a false alarm).
+1. **Clean runs** (``--seeds``, each ``--clean-steps`` steps, its own initialisation and data order): alerts
+   per 1000 steps (every alert is a false alarm).
 2. **Planted faults**, each in its own run, at step ``--fault-step`` (odd, so not a sampled step):
    ``weight`` (one layer's ``mlp.up`` weight multiplied by ``--factor``), ``batch`` (the batch replaced by
    uniform random bytes), ``lr`` (the learning rate multiplied by 100 for that one step), ``nan`` (one weight
-   of a layer's ``mlp.down`` set to NaN). For each: detected (an alert within ``--horizon`` steps of the
-   fault), step error (alert step minus fault step), and whether the planted layer is named first and among
-   the top 3 (``weight`` and ``nan``).
-3. **Peers on the same runs' losses**: Lightning's ``SpikeDetection`` (its rule, replayed on the recorded
-   per-step losses: a spike when the loss is not below the previous one and ``|loss - mean of the last 10|
-   >= 2 * mean``, or non-finite; it raises at the first one, here it goes on so false alarms can be
-   counted) and an OLMo-core-style rule (``loss > mean + 6 * std`` of the previous 128 losses).
+   of a layer's ``mlp.down`` set to NaN), and ``nan@sampled`` (the same at ``--fault-step + 1``, a sampled
+   step). For each: detected (an alert within ``--horizon`` steps of the fault), step error (alert step minus
+   fault step), and whether the planted layer is named first and among the top 3 (``weight`` and the NaNs).
+3. **Peers, live in the same runs** (same seed, data and faults): Lightning's ``SpikeDetection`` (defaults;
+   it raises ``TrainingSpikeException`` at a spike: the benchmark catches it, records the step and lets the
+   run go on, so false alarms can be counted; in a real run the first one ends training) and an
+   OLMo-core-style rule (``loss > mean + 6 * std`` of the previous 128 losses, read every step).
 4. **Cost**: in one process, blocks of steps alternate between the heatmap callbacks alone and the same
-   plus ``SpikeAlert``; the paired ratio of median step times (and the same without heatmap callbacks).
+   plus ``SpikeAlert``; the paired ratio of median step times (and the same without heatmap callbacks);
+   and the time of SpikeAlert's hooks on a sampled step whose loss is NaN (the alert: records, text, warning)
+   against an ordinary sampled step.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ import warnings
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.fabric.utilities.spike import TrainingSpikeException
+from lightning.pytorch.callbacks import Callback, SpikeDetection
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 from _common import ByteLlama, ByteWindows, standard_library_bytes  # noqa: E402
@@ -50,7 +54,7 @@ logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 
 class TimedSpikeAlert(SpikeAlert):
-    """SpikeAlert that adds up the wall time spent in its own hooks and sample listener."""
+    """SpikeAlert that adds up the wall time spent in its own hooks and sample listener (also per step)."""
 
     seconds = 0.0
 
@@ -60,10 +64,15 @@ class TimedSpikeAlert(SpikeAlert):
             try:
                 return getattr(SpikeAlert, name)(self, *args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - start
+                spent = time.perf_counter() - start
+                self.seconds += spent
+                if not hasattr(self, "per_step"):
+                    self.per_step = {}
+                self.per_step[self._batch_step] = self.per_step.get(self._batch_step, 0.0) + spent
         return hook
 
     on_train_batch_start = _timed("on_train_batch_start")
+    on_before_backward = _timed("on_before_backward")
     on_before_optimizer_step = _timed("on_before_optimizer_step")
     on_train_batch_end = _timed("on_train_batch_end")
     _on_sample = _timed("_on_sample")
@@ -83,7 +92,7 @@ class Fault(Callback):
         with torch.no_grad():
             if self.kind == "weight":
                 block.mlp.up_proj.weight.mul_(self.factor)
-            elif self.kind == "nan":
+            elif self.kind.startswith("nan"):
                 block.mlp.down_proj.weight[0, 0] = math.nan
             elif self.kind == "batch":
                 batch.copy_(torch.randint(0, 256, batch.shape, generator=torch.Generator().manual_seed(1)))
@@ -101,13 +110,44 @@ class Fault(Callback):
 
 
 class LossRecorder(Callback):
-    """Every step's loss on the host, for the peers' rules (a benchmark-only sync, not part of SpikeAlert)."""
+    """Every step's loss on the host, for the fault table (a benchmark-only sync, not part of SpikeAlert)."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
+
+
+class LiveSpikeDetection(SpikeDetection):
+    """Lightning's ``SpikeDetection`` (defaults) in the run; its exception is caught and the step recorded."""
+
+    def __init__(self, directory: str) -> None:
+        super().__init__(exclude_batches_path=os.path.join(directory, "skip_batches.json"))
+        self.flagged: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        try:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        except TrainingSpikeException:
+            self.flagged.append(trainer.global_step - 1)  # the batch's step (the optimizer has stepped)
+
+
+class OlmoSixSigma(Callback):
+    """OLMo-core-style stability rule in the run: ``loss > mean + 6 std`` of the previous 128 (a sync per step)."""
+
+    def __init__(self, window: int = 128, sigmas: float = 6.0) -> None:
+        self.window, self.sigmas = window, sigmas
+        self.recent: list[float] = []
+        self.flagged: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = float(outputs["loss"])
+        if len(self.recent) == self.window:
+            previous = np.asarray(self.recent)
+            if not loss <= previous.mean() + self.sigmas * previous.std():  # NaN counts
+                self.flagged.append(trainer.global_step - 1)
+        self.recent = (self.recent + [loss])[-self.window:]
 
 
 class StepTimer(Callback):
@@ -119,38 +159,6 @@ class StepTimer(Callback):
 
     def durations(self, skip: int) -> list[float]:
         return list(np.diff(self.starts[skip:]))
-
-
-# --- the peers' rules on a loss series -------------------------------------------------------------
-
-
-def lightning_spike_detection(losses: list[float], window: int = 10, warmup: int = 1, rtol: float = 2.0) -> list[int]:
-    """Steps that Lightning's ``SpikeDetection`` (defaults, mode="min") flags, replayed without stopping."""
-    flagged, recent, last = [], [], 0.0
-    for step, loss in enumerate(losses):
-        mean = float(np.mean(recent)) if recent else 0.0  # torchmetrics' MeanMetric of nothing computes 0
-        spike = False
-        if step >= warmup:
-            if not math.isfinite(loss):
-                spike = True
-            elif not loss - last <= 0.0:
-                spike = abs(loss - mean) >= abs(rtol * mean)
-        if spike:
-            flagged.append(step)
-        elif math.isfinite(loss):
-            recent = (recent + [loss])[-window:]
-            last = loss
-    return flagged
-
-
-def olmo_six_sigma(losses: list[float], window: int = 128, sigmas: float = 6.0) -> list[int]:
-    """Steps where ``loss > mean + 6 std`` of the previous ``window`` losses (OLMo-core's stability monitor)."""
-    flagged = []
-    for step in range(window, len(losses)):
-        previous = np.asarray(losses[step - window : step])
-        if losses[step] > previous.mean() + sigmas * previous.std():
-            flagged.append(step)
-    return flagged
 
 
 # --- runs ------------------------------------------------------------------------------------------
@@ -174,10 +182,14 @@ def alert_settings(args) -> dict:
     return {} if not args.quick else {"warmup": 32, "window": 64}
 
 
-def run_case(args, kind: str | None, steps: int) -> dict:
+def run_case(args, kind: str | None, steps: int, seed: int = 0) -> dict:
     alert, recorder = SpikeAlert(**alert_settings(args)), LossRecorder()
-    train(args, [*heatmaps(args), alert, recorder, Fault(kind, args.fault_step, args.layer, args.factor)], steps)
-    return {"alerts": alert.alerts, "losses": recorder.losses}
+    lightning_rule, olmo_rule = LiveSpikeDetection(tempfile.mkdtemp()), OlmoSixSigma()
+    fault_step = args.fault_step + (1 if kind == "nan@sampled" else 0)
+    train(args, [*heatmaps(args), alert, recorder, lightning_rule, olmo_rule,
+                 Fault(kind, fault_step, args.layer, args.factor)], steps, seed=seed)
+    return {"alerts": alert.alerts, "losses": recorder.losses, "fault_step": fault_step,
+            "lightning": lightning_rule.flagged, "olmo": olmo_rule.flagged}
 
 
 def describe_detection(flagged: list[int], fault: int, horizon: int) -> tuple[str, str, int]:
@@ -190,7 +202,8 @@ def describe_detection(flagged: list[int], fault: int, horizon: int) -> tuple[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--clean-steps", type=int, default=1000)
+    parser.add_argument("--clean-steps", type=int, default=700)
+    parser.add_argument("--seeds", type=str, default="0,1,2")
     parser.add_argument("--fault-steps", type=int, default=420)
     parser.add_argument("--fault-step", type=int, default=361)
     parser.add_argument("--every", type=int, default=2)
@@ -204,6 +217,7 @@ def main() -> None:
     if args.quick:
         args.hidden, args.layers, args.length = 32, 2, 32
         args.clean_steps, args.fault_steps, args.fault_step, args.cost_blocks, args.cost_steps = 120, 100, 81, 2, 20
+        args.seeds = "0"
     torch.set_num_threads(1)
     global DATA
     DATA = standard_library_bytes(2_000_000)
@@ -213,42 +227,49 @@ def main() -> None:
           f"AdamW lr {args.lr}; ActivationHeatmap(rms) + GradientHeatmap(grad_norm) every {args.every} steps; "
           f"SpikeAlert({', '.join(f'{k}={v}' for k, v in alert_settings(args).items()) or 'defaults'}).\n")
 
-    clean = run_case(args, None, args.clean_steps)
-    ours_clean = [a["step"] for a in clean["alerts"]]
-    per_thousand = lambda n: 1000.0 * n / args.clean_steps  # noqa: E731
-    print(f"## Clean run, {args.clean_steps} steps: false alarms per 1000 steps\n")
-    print("| rule | alerts | per 1000 steps | steps |\n|---|---|---|---|")
-    for name, flagged in [("SpikeAlert", ours_clean), ("Lightning SpikeDetection (replayed)", lightning_spike_detection(clean["losses"])),
-                          ("OLMo-style 6 sigma over 128 (replayed)", olmo_six_sigma(clean["losses"]))]:
-        print(f"| {name} | {len(flagged)} | {per_thousand(len(flagged)):.1f} | {flagged[:8]} |")
-    for alert in clean["alerts"]:
-        print(f"\n    clean-run alert: step {alert['step']} {alert['signal']} {alert.get('series')} z={alert['z']}")
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    total = args.clean_steps * len(seeds)
+    per_thousand = lambda n: 1000.0 * n / total  # noqa: E731
+    flagged = {"SpikeAlert": [], "Lightning SpikeDetection (live)": [], "OLMo-style 6 sigma over 128 (live)": []}
+    clean_alerts = []
+    for seed in seeds:
+        clean = run_case(args, None, args.clean_steps, seed=seed)
+        flagged["SpikeAlert"] += [(seed, a["step"]) for a in clean["alerts"]]
+        flagged["Lightning SpikeDetection (live)"] += [(seed, step) for step in clean["lightning"]]
+        flagged["OLMo-style 6 sigma over 128 (live)"] += [(seed, step) for step in clean["olmo"]]
+        clean_alerts += [(seed, alert) for alert in clean["alerts"]]
+    print(f"## Clean runs: seeds {seeds}, {args.clean_steps} steps each ({total} steps): false alarms per 1000 steps\n")
+    print("| rule | alerts | per 1000 steps | (seed, step) |\n|---|---|---|---|")
+    for name, found in flagged.items():
+        print(f"| {name} | {len(found)} | {per_thousand(len(found)):.2f} | {found[:8]} |")
+    for seed, alert in clean_alerts:
+        print(f"\n    clean-run alert (seed {seed}): step {alert['step']} {alert['signal']} {alert.get('series')} z={alert['z']}")
 
     print(f"\n## Planted faults at step {args.fault_step} ({args.fault_steps}-step runs; detected = an alert within "
           f"{args.horizon} steps; layer {args.layer} planted)\n")
     print("| fault | loss at fault / median of 20 before | SpikeAlert: detected | step error | signal | named first | in top 3 | "
           "first named | false alarms before | SpikeDetection: detected | step error | 6 sigma: detected | step error |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for kind in ["weight", "batch", "lr", "nan"]:
+    for kind in ["weight", "batch", "lr", "nan", "nan@sampled"]:
         case = run_case(args, kind, args.fault_steps)
-        losses = case["losses"]
-        before = np.median(losses[args.fault_step - 20 : args.fault_step])
-        ratio = losses[args.fault_step] / before
+        losses, fault_step = case["losses"], case["fault_step"]
+        before = np.median(losses[fault_step - 20 : fault_step])
+        ratio = losses[fault_step] / before
         steps = [a["step"] for a in case["alerts"]]
-        detected, error, false_before = describe_detection(steps, args.fault_step, args.horizon)
-        alert = next((a for a in case["alerts"] if args.fault_step <= a["step"] <= args.fault_step + args.horizon), None)
+        detected, error, false_before = describe_detection(steps, fault_step, args.horizon)
+        alert = next((a for a in case["alerts"] if fault_step <= a["step"] <= fault_step + args.horizon), None)
         named = [cell["layer"] for cell in alert["layers"]] if alert else []
-        planted = kind in ("weight", "nan")
+        planted = kind in ("weight", "nan", "nan@sampled")
         first = ("yes" if named[:1] == [str(args.layer)] else "no") if planted and alert else "n/a"
         top3 = ("yes" if str(args.layer) in named[:3] else "no") if planted and alert else "n/a"
         first_named = (f"{alert['layers'][0]['layer']} {alert['layers'][0]['component']} ({alert['layers'][0]['metric']})"
                        if alert and alert["layers"] else "-")
         signal = alert["signal"] if alert is None or alert["series"] is None else alert["series"]["metric"]
         peers = []
-        for flagged in (lightning_spike_detection(losses), olmo_six_sigma(losses)):
-            found, peer_error, _ = describe_detection(flagged, args.fault_step, args.horizon)
+        for peer in (case["lightning"], case["olmo"]):
+            found, peer_error, _ = describe_detection(peer, fault_step, args.horizon)
             peers += [found, peer_error]
-        print(f"| {kind} | {ratio:.3f} | {detected} | {error} | {signal if alert else '-'} | {first} | {top3} | {first_named} | "
+        print(f"| {kind} (step {fault_step}) | {ratio:.3f} | {detected} | {error} | {signal if alert else '-'} | {first} | {top3} | {first_named} | "
               f"{false_before} | {' | '.join(peers)} |")
 
     print("\n## Cost: time inside SpikeAlert's hooks (a check: the loss read, the rule on every series, outputs)\n")
@@ -260,6 +281,17 @@ def main() -> None:
         step_time = statistics.median(timer.durations(skip=10))
         print(f"| {label} | {steps} | {1000 * step_time:.2f} | {1000 * alert.seconds / (steps + 10):.3f} | "
               f"{alert.seconds / (steps + 10) / step_time:.2%} |")
+
+    print("\n## Cost of a sampled step whose loss is NaN (SpikeAlert's hooks on that step: the alert's records, "
+          "text summary, warning)\n")
+    timed = TimedSpikeAlert(**alert_settings(args))
+    nan_step = args.fault_step + 1
+    train(args, [*heatmaps(args), timed, Fault("nan@sampled", nan_step, args.layer, args.factor)], nan_step + 3)
+    ordinary = statistics.median(timed.per_step[step] for step in range(20, nan_step, args.every))
+    print("| step | SpikeAlert hooks (ms) |\n|---|---|")
+    print(f"| ordinary sampled steps before the NaN (median) | {1000 * ordinary:.3f} |")
+    print(f"| the NaN step {nan_step} (alert) | {1000 * timed.per_step[nan_step]:.3f} |")
+    print(f"| the next sampled step (NaN again, in cool-down) | {1000 * timed.per_step[nan_step + 2]:.3f} |")
 
     print(f"\n## Cost: {args.cost_blocks} alternating blocks of {args.cost_steps} steps per arm, one process\n")
     print("| arms | median step (ms) without | with SpikeAlert | ratio (paired, median of blocks) |\n|---|---|---|---|")

@@ -11,7 +11,9 @@ from typing import Any
 
 _WHERE = {
     "ACTIVATION_METRICS": "lightning_heatmaps.reductions",
+    "ATTENTION_METRICS": "lightning_heatmaps.reductions",
     "ActivationHeatmap": "lightning_heatmaps.activation",
+    "AttentionHeatmap": "lightning_heatmaps.attention_heatmap",
     "CANONICAL_COMPONENTS": "lightning_heatmaps.layers",
     "EXPERT_METRICS": "lightning_heatmaps.reductions",
     "ExpertHeatmap": "lightning_heatmaps.expert",
@@ -26,6 +28,7 @@ _WHERE = {
     "Sample": "lightning_heatmaps.core.monitor",
     "SpikeAlert": "lightning_heatmaps.spike_alert",
     "SpikeMonitor": "lightning_heatmaps.spikes",
+    "attention_statistics": "lightning_heatmaps.attention",
     "heatmap_figure": "lightning_heatmaps.render",
     "resolve_layers": "lightning_heatmaps.layers",
 }

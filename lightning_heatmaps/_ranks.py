@@ -26,7 +26,16 @@ def rank_zero_warn(message: str, stacklevel: int = 2) -> None:
         warnings.warn(message, UserWarning, stacklevel=stacklevel + 1)
 
 
+_logger = logging.getLogger("lightning_heatmaps")
+if not logging.getLogger().hasHandlers() and not _logger.handlers:
+    # As Lightning does for its own logger: INFO reports are shown unless the application configures logging.
+    _logger.setLevel(logging.INFO)
+    _logger.addHandler(logging.StreamHandler())
+    _logger.propagate = False
+
+
 def rank_zero_info(message: str) -> None:
-    """Log ``message`` at INFO level on global rank zero only."""
+    """Log ``message`` at INFO level, on global rank zero only, to the ``lightning_heatmaps`` logger (shown on
+    stderr unless the application configured logging)."""
     if process_rank() == 0:
-        logging.getLogger("lightning_heatmaps").info(message)
+        _logger.info(message)

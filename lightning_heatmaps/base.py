@@ -13,14 +13,18 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_heatmaps.core.context import RunContext
-from lightning_heatmaps.core.monitor import HeatmapMonitor, Sample, SampleListener, _check_int
+from lightning_heatmaps.core.monitor import CollectiveContributor, HeatmapMonitor, Sample, SampleListener, _check_int, _PendingSample
 from lightning_heatmaps.distributed import check_strategy, register_fsdp1_shards
 from lightning_heatmaps.sinks import check_distinct_outputs, open_run_outputs
 
-__all__ = ["HeatmapCallback", "Sample", "SampleListener", "_check_int", "lightning_context", "lightning_loss_scale"]
+__all__ = [
+    "CollectiveContributor", "HeatmapCallback", "Sample", "SampleListener", "_PendingSample", "_check_int", "lightning_context",
+    "lightning_loss_scale",
+]
 
 
 def lightning_context(trainer: pl.Trainer) -> RunContext:
@@ -30,6 +34,8 @@ def lightning_context(trainer: pl.Trainer) -> RunContext:
         open_outputs=lambda owner: open_run_outputs(trainer, owner),
         default_every_n_steps=trainer.log_every_n_steps,
         trainer="Lightning",
+        device=trainer.strategy.root_device,
+        info=rank_zero_info,
     )
 
 

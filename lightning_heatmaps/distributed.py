@@ -539,6 +539,35 @@ def pool_over_ranks(rows: Tensor, max_rows: Sequence[int]) -> Tensor:
     return pooled
 
 
+def append_payload(rows: Tensor, payload: Tensor) -> Tensor:
+    """``rows`` (``(statistics, slots)``) with ``payload`` (1-D) appended as zero-padded rows of the same width.
+
+    So that values of another consumer ride along in a sample's one collective (summed over ranks, never
+    maxed): :func:`split_payload` takes them back out.
+
+    Example:
+        >>> append_payload(torch.zeros(1, 3), torch.tensor([1.0, 2.0, 3.0, 4.0])).tolist()
+        [[0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [4.0, 0.0, 0.0]]
+    """
+    width = rows.shape[1]
+    extra = -(-payload.numel() // width)
+    padded = rows.new_zeros(extra * width)
+    padded[: payload.numel()] = payload.reshape(-1).to(padded)
+    return torch.cat([rows, padded.view(extra, width)])
+
+
+def split_payload(pooled: Tensor, row: int, length: int) -> tuple[Tensor, int]:
+    """The ``length`` payload values appended at row ``row`` of ``pooled`` (see :func:`append_payload`), and
+    the row after them.
+
+    Example:
+        >>> split_payload(torch.tensor([[0.0, 0.0], [1.0, 2.0], [3.0, 0.0]]), 1, 3)
+        (tensor([1., 2., 3.]), 3)
+    """
+    extra = -(-length // pooled.shape[1])
+    return pooled[row : row + extra].reshape(-1)[:length], row + extra
+
+
 def mean_over_ranks(values: Tensor) -> Tensor:
     """The mean of ``values`` over ranks, with one all-reduce (every rank must call it; a copy is reduced).
 

@@ -69,6 +69,13 @@ EXPERT_METRICS: dict[str, MetricDefinition] = {
     "grad_norm": MetricDefinition("expert_grad_norm", "grad_sumsq", None, root=True),
 }
 
+#: Attention metrics by name (``AttentionHeatmap(metrics=...)``), per layer x head. ``entropy_sum`` is divided by
+#: the query rows counted; ``max_logit`` pools by max (over micro-batches, heads and ranks).
+ATTENTION_METRICS: dict[str, MetricDefinition] = {
+    "max_logit": MetricDefinition("attention_max_logit", "max_logit", None, root=False, pool="max"),
+    "entropy": MetricDefinition("attention_entropy", "entropy_sum", "count", root=False),
+}
+
 #: How per-call partial values of each activation statistic combine into the statistic.
 _PARTIAL_ORDER = {"sumsq": 2, "sumabs": 1, "maxabs": float("inf")}
 

@@ -201,13 +201,14 @@ def metric_images(
     missing: np.ndarray,
     per_component: bool = False,
     column_axis: str = "component",
+    latest_name: str = "layer_x_component",
     **style: object,
 ) -> list[tuple[str, np.ndarray, dict[str, np.ndarray]]]:
     """The images of one metric, each with the arrays behind it: ``[(name, rgb, arrays), ...]``.
 
     ``history`` is ``(samples, layers, components + 1)``, its last column the pooled ``all`` value;
-    names are ``layer_x_step`` (the ``all`` column over the history), ``layer_x_component`` (the
-    latest sample; its x axis reads ``column_axis``) and, with ``per_component``, ``layer_x_step/<component>``.
+    names are ``layer_x_step`` (the ``all`` column over the history), ``latest_name`` (default
+    ``layer_x_component``: the latest sample; its x axis reads ``column_axis``) and, with ``per_component``, ``layer_x_step/<component>``.
 
     Example:
         >>> history = np.ones((3, 2, 2))
@@ -235,11 +236,11 @@ def metric_images(
     latest = history[-1, :, :-1]
     figure = heatmap_figure(
         latest, row_labels=layers, column_labels=list(component_names), missing=missing, xlabel=column_axis,
-        colorbar_label=metric, title=f"{metric}: layer x component (step {format_step(step)})", **style,
+        colorbar_label=metric, title=f"{metric}: layer x {column_axis} (step {format_step(step)})", **style,
     )
     arrays = {
         "values": latest, "step": np.asarray(step), "layer_labels": layers,
         "component_labels": np.asarray(list(component_names)), "missing": missing, "metric": np.asarray(metric),
     }
-    images.append(("layer_x_component", figure_to_rgb(figure), arrays))
+    images.append((latest_name, figure_to_rgb(figure), arrays))
     return images

@@ -21,19 +21,21 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_heatmaps.base import HeatmapCallback, Sample, _check_int
+from lightning_heatmaps.base import HeatmapCallback, Sample
 from lightning_heatmaps.distributed import distributed_world, local_grad_sumsq, mean_over_ranks
 from lightning_heatmaps.gradient import GradientHeatmap
 from lightning_heatmaps.sinks import RunOutputs, open_run_outputs
-from lightning_heatmaps.spikes import MAD_FLOOR, SpikeMonitor
+from lightning_heatmaps.spikes import CONFIRM_SAMPLES, MAD_FLOOR, THRESHOLD, WARMUP, WINDOW, SpikeMonitor
 
 ACTIONS = ("warn", "stop")
 
 
-def _check_number(name: str, value: Any, minimum: float, strict: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (value <= minimum if strict else value < minimum):
-        raise ValueError(f"Invalid value for {name}={value!r}: must be a number {'>' if strict else '>='} {minimum}.")
+def _check_steps(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    """The adapter's own arguments (the rule's are checked by :class:`SpikeMonitor`)."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"Invalid value for {name}={value!r}: must be an integer >= {minimum}.")
 
 
 class SpikeAlert(Callback):
@@ -70,6 +72,8 @@ class SpikeAlert(Callback):
         on_spike: ``"warn"`` (report and go on) or ``"stop"`` (also set ``trainer.should_stop``).
         top_k: layer cells named in an alert.
         attribution_samples: recent samples per series searched for the first departure.
+        confirm_samples: the gradient norm and each layer series alert only when they spike on this many
+            consecutive samples of their own (default 2); the loss alerts on one value; NaN/Inf at once.
 
     Example:
         >>> import lightning
@@ -79,9 +83,9 @@ class SpikeAlert(Callback):
 
     def __init__(
         self,
-        threshold: float = 6.0,
-        window: int = 128,
-        warmup: int = 64,
+        threshold: float = THRESHOLD,
+        window: int = WINDOW,
+        warmup: int = WARMUP,
         lower_threshold: float = 3.0,
         mad_floor: float = MAD_FLOOR,
         cooldown_steps: int = 100,
@@ -90,29 +94,25 @@ class SpikeAlert(Callback):
         on_spike: str = "warn",
         top_k: int = 5,
         attribution_samples: int = 16,
+        confirm_samples: int = CONFIRM_SAMPLES,
     ) -> None:
-        _check_number("threshold", threshold, 0.0, strict=True)
-        _check_int("window", window, 2)
-        _check_int("warmup", warmup, 1)
-        if warmup > window:
-            raise ValueError(f"Invalid value for warmup={warmup!r}: must be <= window={window}.")
-        _check_number("lower_threshold", lower_threshold, 0.0, strict=True)
-        if lower_threshold > threshold:
-            raise ValueError(f"Invalid value for lower_threshold={lower_threshold!r}: must be <= threshold={threshold}.")
-        _check_number("mad_floor", mad_floor, 0.0, strict=True)
-        _check_int("cooldown_steps", cooldown_steps, 0)
-        _check_int("dense_capture_steps", dense_capture_steps, 0)
-        _check_int("check_every_n_steps", check_every_n_steps, 1, allow_none=True)
+        # The rule's arguments are validated by the core (the same messages with or without Lightning).
+        self._monitor_arguments = dict(
+            threshold=threshold, window=window, warmup=warmup, mad_floor=mad_floor, lower_threshold=lower_threshold,
+            cooldown_steps=cooldown_steps, top_k=top_k, attribution_samples=attribution_samples,
+            confirm_samples=confirm_samples,
+        )
+        self.monitor = SpikeMonitor(**self._monitor_arguments)
+        _check_steps("dense_capture_steps", dense_capture_steps, 0)
+        _check_steps("check_every_n_steps", check_every_n_steps, 1, allow_none=True)
         if on_spike not in ACTIONS:
             raise ValueError(f"Invalid value for on_spike={on_spike!r}: must be one of {ACTIONS}.")
-        _check_int("top_k", top_k, 1)
-        _check_int("attribution_samples", attribution_samples, 1)
+        self.confirm_samples = confirm_samples
         self.threshold, self.window, self.warmup = float(threshold), window, warmup
         self.lower_threshold, self.mad_floor = float(lower_threshold), float(mad_floor)
         self.cooldown_steps, self.dense_capture_steps = cooldown_steps, dense_capture_steps
         self.check_every_n_steps, self.on_spike, self.top_k = check_every_n_steps, on_spike, top_k
         self.attribution_samples = attribution_samples
-        self.monitor = self._new_monitor()
         #: Every alert record of this fit, as written to alerts.jsonl (on every rank).
         self.alerts: list[dict[str, Any]] = []
         self._heatmaps: list[HeatmapCallback] = []
@@ -126,13 +126,9 @@ class SpikeAlert(Callback):
         self._own_grad_norm = False
         self._outputs: RunOutputs | None = None
         self._period = 1
-
-    def _new_monitor(self) -> SpikeMonitor:
-        return SpikeMonitor(
-            threshold=self.threshold, window=self.window, warmup=self.warmup, mad_floor=self.mad_floor,
-            lower_threshold=self.lower_threshold, cooldown_steps=self.cooldown_steps, top_k=self.top_k,
-            attribution_samples=self.attribution_samples,
-        )
+        # (step, losses, their mean over ranks once the sample's collective returned it)
+        self._carried: tuple[int, int, torch.Tensor | None] | None = None
+        self._world = 1
 
     @property
     @override
@@ -164,6 +160,7 @@ class SpikeAlert(Callback):
         self._heatmaps = [callback for callback in callbacks if isinstance(callback, HeatmapCallback)]
         for callback in self._heatmaps:
             callback.add_sample_listener(self._on_sample)
+            callback.add_collective_contributor(self)  # the check's values ride in the sample's collective
         if self._heatmaps:
             # Run after the heatmap callbacks in each hook, so a step's samples have arrived when it is checked.
             last = max(callbacks.index(callback) for callback in self._heatmaps)
@@ -191,6 +188,7 @@ class SpikeAlert(Callback):
             return
         for callback in self._heatmaps:
             callback.remove_sample_listener(self._on_sample)
+            callback.remove_collective_contributor(self)
         if self._outputs is not None:
             self._outputs.close()
             self._outputs = None
@@ -220,11 +218,18 @@ class SpikeAlert(Callback):
                 self._grad_sumsq = (sumsq, sharded)
 
     @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        # Automatic optimization: the loss is recorded here, before the heatmap callbacks' sample (and its
+        # collective) in on_train_batch_end, so the step's own loss can ride in that collective.
+        if pl_module.automatic_optimization and loss.numel() == 1:
+            self._record_loss(loss.detach().reshape(()))
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loss = outputs if isinstance(outputs, torch.Tensor) else outputs.get("loss") if isinstance(outputs, Mapping) else None
-        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        if not pl_module.automatic_optimization and isinstance(loss, torch.Tensor) and loss.numel() == 1:
             self._record_loss(loss.detach().reshape(()))
         step = self._batch_step
         if trainer.global_step == step:  # gradient accumulation: the optimizer step has not happened yet
@@ -253,19 +258,41 @@ class SpikeAlert(Callback):
 
     # --- the check ------------------------------------------------------------------------------------
 
-    def _check(self, trainer: pl.Trainer, step: int) -> None:
+    def _check_values(self) -> torch.Tensor:
+        """This rank's losses since the last check, then (if computed here) the gradient's sum of squares."""
         count = len(self._loss_steps)
         parts = [self._losses[:count].float()] if self._losses is not None and count else []
-        grad = self._grad_sumsq
-        self._grad_sumsq = None
-        world = distributed_world()
-        if grad is not None:
-            sumsq, sharded = grad
+        if self._grad_sumsq is not None:
+            sumsq, sharded = self._grad_sumsq
             # Sharded gradients add up over ranks, replicated ones are equal: scaled so the mean gives either.
+            world = distributed_world()
             parts.append((sumsq * world if sharded else sumsq).float().reshape(1).to(parts[0].device if parts else sumsq.device))
-        combined = torch.cat(parts) if parts else torch.zeros(0)
-        if world > 1:
-            combined = mean_over_ranks(combined)  # the check's one collective: every rank joins, same steps
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def collective_values(self, step: int) -> torch.Tensor | None:
+        """A heatmap callback's sample at ``step`` runs a collective: the check's values ride along (public
+        :class:`~lightning_heatmaps.base.CollectiveContributor` protocol). Once per step, on checked steps."""
+        if step != self._batch_step or (self._carried is not None and self._carried[0] == step):
+            return None
+        if not self._is_check_step(step):
+            return None
+        self._carried = (step, len(self._loss_steps), None)
+        return self._check_values()
+
+    def collective_result(self, step: int, summed: torch.Tensor) -> None:
+        self._carried = (step, self._carried[1], summed / distributed_world())
+
+    def _check(self, trainer: pl.Trainer, step: int) -> None:
+        count = len(self._loss_steps)
+        grad = self._grad_sumsq
+        carried, self._carried = self._carried, None
+        if carried is not None and carried[0] == step and carried[1] == count and carried[2] is not None:
+            combined = carried[2]  # the mean over ranks, from the heatmap sample's collective: none of our own
+        else:
+            combined = self._check_values()
+            if distributed_world() > 1:
+                combined = mean_over_ranks(combined)  # alone: the check's one collective; every rank joins
+        self._grad_sumsq = None
         values = combined.tolist()  # the check's one host read
         losses, steps = values[:count], self._loss_steps
         self._loss_steps = []
@@ -282,7 +309,8 @@ class SpikeAlert(Callback):
         samples, self._samples = self._samples, []
         for sample in sorted(samples, key=lambda s: s.step):
             largest = self.monitor.observe_series(sample.step, sample.metrics, sample.missing, sample.nonfinite,
-                                                  sample.layer_labels, sample.column_labels)
+                                                  sample.layer_labels, sample.column_labels,
+                                                  backward=sample.callback == GradientHeatmap.__name__)
             if math.isfinite(largest):
                 scalars["spike/max_layer_z"] = (largest, sample.step)
             if self._own_grad_norm:

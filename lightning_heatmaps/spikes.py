@@ -18,6 +18,10 @@ The rule, for one series with values ``v_1, v_2, ...``:
 4. A value is a spike when the baseline holds at least ``warmup`` values and ``z_t > threshold``. Spikes
    are upward only: a series that falls (the loss going down) never alerts. A value that is NaN or infinite
    is always reported, warm-up or not (its z is NaN; it never enters the baseline).
+5. (:class:`SpikeMonitor`) The loss alerts on one spiking value; a sampled signal (the global gradient norm,
+   a layer series) only when it spikes on ``confirm_samples`` (2) consecutive samples of its own, dated at
+   the first: single-batch excursions of those diagnostics with the loss flat are noise in clean runs
+   (``benchmarks/RESULTS.md``), a layer that really changed stays changed.
 
 Example:
     >>> baseline = RobustBaseline(size=1, window=8, warmup=4)
@@ -42,6 +46,27 @@ LOG_FLOOR = 1e-12
 MAD_FLOOR = 0.02
 #: MAD times this estimates the standard deviation of normal data (``1 / Phi^-1(3/4)``, rounded).
 MAD_SCALE = 1.4826
+#: Default accepted values per baseline.
+WINDOW = 128
+#: Default accepted values a baseline needs before its series can spike.
+WARMUP = 64
+#: Default robust z above which a value is a spike.
+THRESHOLD = 6.0
+#: Default consecutive spiking samples a sampled signal (gradient norm, layer series) needs before it alerts.
+CONFIRM_SAMPLES = 2
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"Invalid value for {name}={value!r}: must be an integer >= {minimum}.")
+
+
+def _check_number(name: str, value: Any, minimum: float, strict: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= minimum if strict else value < minimum):
+        raise ValueError(f"Invalid value for {name}={value!r}: must be a number {'>' if strict else '>='} {minimum}.")
 
 
 def log_values(values: np.ndarray) -> np.ndarray:
@@ -116,7 +141,7 @@ class RobustBaseline:
         [0.0, 77.7]
     """
 
-    def __init__(self, size: int, window: int = 128, warmup: int = 64, mad_floor: float = MAD_FLOOR) -> None:
+    def __init__(self, size: int, window: int = WINDOW, warmup: int = WARMUP, mad_floor: float = MAD_FLOOR) -> None:
         self.size, self.window, self.warmup, self.mad_floor = size, window, warmup, mad_floor
         self._values = np.full((window, size), np.nan)  # log-values, a ring per series
         self._accepted = np.zeros(size, dtype=np.int64)  # values accepted over the run, per series
@@ -161,6 +186,35 @@ class RobustBaseline:
         self._values, self._accepted = values.copy(), accepted.copy()
 
 
+def robust_z_series(
+    values: Sequence[float] | np.ndarray,
+    window: int = WINDOW,
+    warmup: int = WARMUP,
+    threshold: float = THRESHOLD,
+    mad_floor: float = MAD_FLOOR,
+) -> np.ndarray:
+    """The robust z of every value of one series against its own earlier values (module rule), in order.
+
+    The dashboard's "z against its own baseline" colouring computes exactly this (``static/baseline.js``).
+
+    Returns:
+        One z per value: NaN while the baseline holds fewer than ``warmup`` values and where the value is
+        not finite.
+
+    Example:
+        >>> robust_z_series([1.0, 1.0, 1.0, 3.0, 1.0], window=4, warmup=3).round(1).tolist()
+        [nan, nan, nan, 37.1, 0.0]
+    """
+    baseline = RobustBaseline(size=1, window=window, warmup=warmup, mad_floor=mad_floor)
+    z = np.full(len(values), np.nan)
+    for index, value in enumerate(np.asarray(values, dtype=np.float64)):
+        ready = bool(baseline.ready[0])
+        score = float(baseline.update(np.array([value]), threshold)[0])
+        if ready:
+            z[index] = score
+    return z
+
+
 def first_departures(steps: np.ndarray, z: np.ndarray, lower: float) -> tuple[np.ndarray, np.ndarray]:
     """Per series, its peak z over a recent history and the step its departure began.
 
@@ -193,12 +247,37 @@ def first_departures(steps: np.ndarray, z: np.ndarray, lower: float) -> tuple[np
     return peak, first
 
 
-def rank_departures(peak: np.ndarray, first_step: np.ndarray, threshold: float, lower: float) -> np.ndarray:
+def lasting_spikes(z: np.ndarray, threshold: float, confirm_samples: int) -> np.ndarray:
+    """Per series, whether it spiked on ``confirm_samples`` consecutive samples, or still spikes at the newest.
+
+    Args:
+        z: ``[h, n]`` robust z of every series, oldest first (NaN: no value).
+        threshold: the spike threshold.
+        confirm_samples: consecutive spiking samples that make a spike last.
+
+    Example:
+        >>> lasting_spikes(np.array([[9.0, 9.0, 0.0], [0.0, 9.0, 0.0], [0.0, 0.0, 9.0]]), 6.0, 2).tolist()
+        [False, True, True]
+    """
+    with np.errstate(invalid="ignore"):
+        above = np.asarray(z, dtype=np.float64) > threshold
+    if not len(above):
+        return np.zeros(above.shape[1:], dtype=bool)
+    run, longest = np.zeros(above.shape[1], dtype=np.int64), np.zeros(above.shape[1], dtype=np.int64)
+    for row in above:
+        run = np.where(row, run + 1, 0)
+        longest = np.maximum(longest, run)
+    return (longest >= confirm_samples) | above[-1]
+
+
+def rank_departures(
+    peak: np.ndarray, first_step: np.ndarray, threshold: float, lower: float, lasting: np.ndarray | None = None
+) -> np.ndarray:
     """Indices of the series whose peak reached ``lower``, in the order an alert names them.
 
-    Series whose peak passed ``threshold`` come first, earliest departure first, then larger peak; then
-    those between ``lower`` and ``threshold``, in the same order. The first is "the first to leave its
-    baseline".
+    Series whose peak passed ``threshold`` (and, given ``lasting``, whose spike lasted: see
+    :func:`lasting_spikes`) come first, earliest departure first, then larger peak; then the others whose
+    peak reached ``lower``, in the same order. The first is "the first to leave its baseline".
 
     Example:
         >>> rank_departures(np.array([7.0, 20.0, 4.0]), np.array([5, 6, 2]), 6.0, 3.0).tolist()
@@ -206,7 +285,35 @@ def rank_departures(peak: np.ndarray, first_step: np.ndarray, threshold: float, 
     """
     with np.errstate(invalid="ignore"):
         candidates = np.nonzero(peak >= lower)[0]
-    order = sorted(candidates, key=lambda i: (not peak[i] > threshold, int(first_step[i]), -peak[i]))
+    lasted = np.ones(len(peak), dtype=bool) if lasting is None else np.asarray(lasting, dtype=bool)
+    order = sorted(candidates, key=lambda i: (not (peak[i] > threshold and lasted[i]), int(first_step[i]), -peak[i]))
+    return np.asarray(order, dtype=np.int64)
+
+
+def rank_nonfinite(
+    nonfinite_step: np.ndarray, backward: np.ndarray, layer: np.ndarray, column: np.ndarray, layers: np.ndarray
+) -> np.ndarray:
+    """Indices of the cells that had a NaN/Inf value, in the order those values were computed.
+
+    Earliest sample first; within a sample the forward pass (activations: layers first to last) before the
+    backward pass (gradients: layers last to first); within a layer, columns in order. The first is where the
+    NaN/Inf appeared: a NaN spreads to every later layer in the forward pass, and to every gradient below it.
+
+    Args:
+        nonfinite_step: per cell, the step of its first NaN/Inf value (-1: none).
+        backward: per cell, whether its metric is measured in the backward pass.
+        layer, column: per cell, its row (forward order) and column.
+        layers: per cell, the number of layers of its metric.
+
+    Example:
+        >>> rank_nonfinite(np.array([5, 5, 5, -1]), np.array([True, False, False, False]), np.array([0, 2, 1, 0]),
+        ...                np.array([0, 0, 3, 0]), np.array([4, 4, 4, 4])).tolist()
+        [2, 1, 0]
+    """
+    candidates = np.flatnonzero(np.asarray(nonfinite_step) >= 0)
+    order = sorted(candidates, key=lambda i: (int(nonfinite_step[i]), bool(backward[i]),
+                                              int(layers[i]) - 1 - int(layer[i]) if backward[i] else int(layer[i]),
+                                              int(column[i])))
     return np.asarray(order, dtype=np.int64)
 
 
@@ -236,7 +343,10 @@ class _SeriesGroup:
     column_labels: tuple[str, ...]
     cells: np.ndarray  # flat indices of the monitored cells in [layers, columns]
     baseline: RobustBaseline
+    backward: bool = False  # measured in the backward pass (gradients): its layers ran last to first
     history: deque = field(default_factory=deque)  # (step, z of every cell), oldest first
+    run: np.ndarray | None = None  # per cell, consecutive spiking samples so far
+    pending: dict[int, _Finding] = field(default_factory=dict)  # per cell, the first sample of its current run
 
 
 class SpikeMonitor:
@@ -254,6 +364,12 @@ class SpikeMonitor:
             at steps ``< s + cooldown_steps`` raise no new alert (they still stay out of the baselines).
         top_k: cells named in an alert.
         attribution_samples: samples of each series kept for attribution (its recent z).
+        confirm_samples: a sampled signal (the gradient norm, a layer series) alerts only when it spikes on
+            this many consecutive samples of its own; the finding is dated at the first of them. The loss
+            alerts on one value, and a NaN/Inf always alerts at once.
+
+    Raises:
+        ValueError: an argument out of its range (the message names the argument, the value and the rule).
 
     Example:
         >>> monitor = SpikeMonitor(warmup=4)
@@ -274,7 +390,22 @@ class SpikeMonitor:
         cooldown_steps: int = 100,
         top_k: int = 5,
         attribution_samples: int = 16,
+        confirm_samples: int = CONFIRM_SAMPLES,
     ) -> None:
+        _check_number("threshold", threshold, 0.0, strict=True)
+        _check_int("window", window, 2)
+        _check_int("warmup", warmup, 1)
+        if warmup > window:
+            raise ValueError(f"Invalid value for warmup={warmup!r}: must be <= window={window}.")
+        _check_number("lower_threshold", lower_threshold, 0.0, strict=True)
+        if lower_threshold > threshold:
+            raise ValueError(f"Invalid value for lower_threshold={lower_threshold!r}: must be <= threshold={threshold}.")
+        _check_number("mad_floor", mad_floor, 0.0, strict=True)
+        _check_int("cooldown_steps", cooldown_steps, 0)
+        _check_int("top_k", top_k, 1)
+        _check_int("attribution_samples", attribution_samples, 1)
+        _check_int("confirm_samples", confirm_samples, 1)
+        self.confirm_samples = confirm_samples
         self.threshold, self.lower_threshold = threshold, lower_threshold
         self.window, self.warmup, self.mad_floor = window, warmup, mad_floor
         self.cooldown_steps, self.top_k, self.attribution_samples = cooldown_steps, top_k, attribution_samples
@@ -282,6 +413,7 @@ class SpikeMonitor:
         self.grad_norm = RobustBaseline(1, window, warmup, mad_floor)
         self.groups: dict[str, _SeriesGroup] = {}
         self.cooldown_until = {"spike": -1, "nonfinite": -1}
+        self._grad_norm_run: tuple[int, _Finding | None] = (0, None)  # consecutive spiking samples, the first
         self.alerts = 0
         self._findings: list[_Finding] = []
         self._pending_groups: dict[str, dict[str, Any]] = {}  # saved baselines of groups not seen yet
@@ -289,10 +421,20 @@ class SpikeMonitor:
     # --- observations ----------------------------------------------------------------------------------
 
     def _observe_scalar(self, signal: str, baseline: RobustBaseline, step: int, value: float) -> float:
+        ready = bool(baseline.ready[0])
         z = float(baseline.update(np.array([value]), self.threshold)[0])
-        spike = bool(baseline.ready[0]) and z > self.threshold
-        if spike or not math.isfinite(value):
-            self._findings.append(_Finding(signal, step, float(value), float(baseline.last_median[0]), z))
+        finding = _Finding(signal, step, float(value), float(baseline.last_median[0]), z)
+        if not math.isfinite(value):
+            self._findings.append(finding)
+        elif signal == "grad_norm":  # a sampled signal: it must stay up for confirm_samples samples
+            run, first = self._grad_norm_run
+            spike = ready and z > self.threshold
+            run, first = (run + 1, first if run else finding) if spike else (0, None)
+            self._grad_norm_run = (run, first)
+            if run == self.confirm_samples:
+                self._findings.append(first)
+        elif ready and z > self.threshold:
+            self._findings.append(finding)
         return z
 
     def observe_losses(self, steps: Sequence[int], values: Sequence[float]) -> list[float]:
@@ -300,7 +442,7 @@ class SpikeMonitor:
         return [self._observe_scalar("loss", self.loss, int(step), float(value)) for step, value in zip(steps, values)]
 
     def observe_grad_norm(self, step: int, value: float) -> float:
-        """Score the global gradient norm of ``step``; returns its robust z."""
+        """Score the global gradient norm of ``step`` (a sampled signal: see ``confirm_samples``); returns its z."""
         return self._observe_scalar("grad_norm", self.grad_norm, int(step), float(value))
 
     def observe_series(
@@ -311,43 +453,63 @@ class SpikeMonitor:
         nonfinite: np.ndarray,
         layer_labels: Sequence[str],
         column_labels: Sequence[str],
+        backward: bool = False,
     ) -> float:
         """Score one sample's tables (``[layers, columns + 1]``, the pooled last column is not scored).
 
-        Cells in ``missing`` are skipped; cells in ``nonfinite`` are findings whatever the warm-up. Returns the
-        largest z of the sample (NaN if none could be scored).
+        Cells in ``missing`` are skipped; cells in ``nonfinite`` are findings whatever the warm-up. A finite
+        spike is a finding once the cell has spiked on ``confirm_samples`` consecutive samples (dated at the
+        first). Rows are layers in forward order and columns components in the order they run; ``backward``
+        says the tables were measured in the backward pass (gradients), which runs the layers last to first
+        (for locating a NaN). Returns the largest z of the sample (NaN if none could be scored).
         """
         largest = np.nan
         for metric, table in metrics.items():
             group = self.groups.get(metric)
             cells = np.flatnonzero(~np.asarray(missing, dtype=bool))
             if group is None or len(group.cells) != len(cells) or (group.cells != cells).any():
-                group = self._new_group(metric, cells, layer_labels, column_labels[:-1])
+                group = self._new_group(metric, cells, layer_labels, column_labels[:-1], backward)
             values = np.asarray(table, dtype=np.float64)[:, :-1].reshape(-1)[group.cells]
             bad = np.asarray(nonfinite, dtype=bool).reshape(-1)[group.cells]
             values = np.where(bad | np.isfinite(values), values, np.nan)  # a cell that did not run: no value
+            ready = group.baseline.ready
             z = group.baseline.update(values, self.threshold)
-            spikes = group.baseline.ready & (z > self.threshold)
+            spikes = ready & (z > self.threshold) & ~bad
+            group.run = np.where(spikes, group.run + 1, 0)
             history_z = np.where(bad, np.inf, z)
             group.history.append((int(step), history_z))
             while len(group.history) > self.attribution_samples:
                 group.history.popleft()
             if np.isfinite(z).any():
                 largest = float(np.nanmax([largest, np.nanmax(z)]))
-            for index in np.flatnonzero(spikes | bad):
+            for index in np.flatnonzero((spikes & (group.run == 1)) | bad):
                 layer, column = divmod(int(group.cells[index]), len(group.column_labels))
-                self._findings.append(_Finding(
+                finding = _Finding(
                     "series", int(step), float(values[index]), float(group.baseline.last_median[index]), float(z[index]),
                     {"metric": metric, "layer": group.layer_labels[layer], "component": group.column_labels[column]},
-                ))
+                )
+                if bad[index]:
+                    self._findings.append(finding)
+                else:
+                    group.pending[int(index)] = finding  # the run's first sample: reported once confirmed
+            for index in np.flatnonzero(spikes & (group.run == self.confirm_samples)):
+                self._findings.append(group.pending.pop(int(index)))
         return largest
 
-    def _new_group(self, metric: str, cells: np.ndarray, layer_labels: Sequence[str], column_labels: Sequence[str]) -> _SeriesGroup:
+    def _new_group(self, metric: str, cells: np.ndarray, layer_labels: Sequence[str], column_labels: Sequence[str],
+                   backward: bool) -> _SeriesGroup:
         group = _SeriesGroup(metric, tuple(layer_labels), tuple(column_labels), cells,
-                             RobustBaseline(len(cells), self.window, self.warmup, self.mad_floor))
+                             RobustBaseline(len(cells), self.window, self.warmup, self.mad_floor), backward,
+                             run=np.zeros(len(cells), dtype=np.int64))
         saved = self._pending_groups.pop(metric, None)
         if saved is not None and np.array_equal(np.asarray(saved["cells"]), cells):
             group.baseline.load_state_dict(saved["baseline"])
+            if "run" in saved:
+                group.run = np.asarray(saved["run"], dtype=np.int64).copy()
+                for index, step, value, median, z in np.asarray(saved["pending"], dtype=np.float64).reshape(-1, 5):
+                    layer, column = divmod(int(cells[int(index)]), len(column_labels))
+                    group.pending[int(index)] = _Finding("series", int(step), value, median, z, {
+                        "metric": metric, "layer": group.layer_labels[layer], "component": group.column_labels[column]})
             steps, z = np.asarray(saved["history_steps"]), np.asarray(saved["history_z"], dtype=np.float64)
             group.history.extend((int(step), row) for step, row in zip(steps, z))
         self.groups[metric] = group
@@ -387,28 +549,47 @@ class SpikeMonitor:
         }
 
     def attribution(self, step: int) -> list[dict[str, Any]]:
-        """The cells that left their baselines up to ``step``, ranked (see :func:`rank_departures`), ``top_k`` of them."""
+        """The cells that left their baselines up to ``step``, ranked, ``top_k`` of them.
+
+        Cells with a NaN/Inf value come first, in the order the values were computed: earliest sample first,
+        then forward-pass metrics before backward-pass ones, then the layer (first to last in the forward pass,
+        last to first in the backward pass) and the column (see :func:`rank_nonfinite`). The others follow in
+        :func:`rank_departures`'s order, where a spike counts as passing ``threshold`` only if it lasted
+        ``confirm_samples`` samples or still goes on (:func:`lasting_spikes`): a transient excursion that has
+        ended is not where a lasting change started.
+        """
         entries: list[tuple[_SeriesGroup, int]] = []
-        peaks, firsts = [], []
+        peaks, firsts, nonfinite_steps, lasting = [], [], [], []
         for group in self.groups.values():
             history = [(s, z) for s, z in group.history if s <= step]
             if not history:
                 continue
-            peak, first = first_departures(np.array([s for s, _ in history]), np.stack([z for _, z in history]),
-                                           self.lower_threshold)
+            steps, z = np.array([s for s, _ in history]), np.stack([z for _, z in history])
+            peak, first = first_departures(steps, z, self.lower_threshold)
+            infinite = np.isposinf(z)
+            lasting.append(lasting_spikes(z, self.threshold, self.confirm_samples))
             entries += [(group, index) for index in range(len(group.cells))]
             peaks.append(peak)
             firsts.append(first)
+            nonfinite_steps.append(np.where(infinite.any(axis=0), steps[np.argmax(infinite, axis=0)], -1))
         if not entries:
             return []
-        peak, first = np.concatenate(peaks), np.concatenate(firsts)
+        peak, first, nonfinite_step = np.concatenate(peaks), np.concatenate(firsts), np.concatenate(nonfinite_steps)
+        positions = np.array([[group.backward, *divmod(int(group.cells[cell]), len(group.column_labels)),
+                               len(group.layer_labels)] for group, cell in entries], dtype=np.int64)
+        nonfinite = rank_nonfinite(nonfinite_step, positions[:, 0].astype(bool), positions[:, 1], positions[:, 2],
+                                   positions[:, 3])
+        finite_peak = np.where(nonfinite_step >= 0, np.nan, peak)
+        order = [*nonfinite, *rank_departures(finite_peak, first, self.threshold, self.lower_threshold,
+                                              np.concatenate(lasting))]
         ranked = []
-        for index in rank_departures(peak, first, self.threshold, self.lower_threshold)[: self.top_k]:
+        for index in order[: self.top_k]:
             group, cell = entries[index]
             layer, column = divmod(int(group.cells[cell]), len(group.column_labels))
+            bad = bool(nonfinite_step[index] >= 0)
             ranked.append({"layer": group.layer_labels[layer], "component": group.column_labels[column],
-                           "metric": group.metric, "z": _json_number(peak[index]), "first_step": int(first[index]),
-                           "nonfinite": bool(np.isinf(peak[index]))})
+                           "metric": group.metric, "z": _json_number(peak[index]),
+                           "first_step": int(nonfinite_step[index] if bad else first[index]), "nonfinite": bad})
         return ranked
 
     # --- state ---------------------------------------------------------------------------------------------
@@ -422,12 +603,17 @@ class SpikeMonitor:
                 "history_steps": torch.tensor([step for step, _ in group.history], dtype=torch.int64),
                 "history_z": torch.from_numpy(np.stack([z for _, z in group.history]) if group.history
                                               else np.zeros((0, len(group.cells)))),
+                "run": torch.from_numpy(group.run.copy()),
+                "pending": torch.tensor([[index, f.step, f.value, f.baseline, f.z] for index, f in group.pending.items()],
+                                        dtype=torch.float64).reshape(-1, 5),
             }
             for metric, group in self.groups.items()
         }
         groups.update({metric: saved for metric, saved in self._pending_groups.items() if metric not in groups})
+        run, first = self._grad_norm_run
         return {"loss": self.loss.state_dict(), "grad_norm": self.grad_norm.state_dict(), "groups": groups,
-                "cooldown_until": dict(self.cooldown_until), "alerts": self.alerts}
+                "cooldown_until": dict(self.cooldown_until), "alerts": self.alerts, "grad_norm_run": run,
+                "grad_norm_first": [] if first is None else [first.step, first.value, first.baseline, first.z]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`; a series' baseline comes back when its first sample shows the same cells."""
@@ -435,6 +621,9 @@ class SpikeMonitor:
         self.grad_norm.load_state_dict(state["grad_norm"])
         self.cooldown_until = {kind: int(value) for kind, value in state["cooldown_until"].items()}
         self.alerts = int(state["alerts"])
+        first = state.get("grad_norm_first") or None
+        self._grad_norm_run = (int(state.get("grad_norm_run", 0)),
+                               None if first is None else _Finding("grad_norm", int(first[0]), *map(float, first[1:])))
         self.groups = {}
         self._pending_groups = dict(state["groups"])
 

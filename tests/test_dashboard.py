@@ -11,11 +11,14 @@ TensorBoard's own WSGI app serves the plugin, with the default Rust data server 
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -24,7 +27,9 @@ from tensorboard.util import tensor_util
 from torch.utils.tensorboard import SummaryWriter
 
 from conftest import TokenModel, make_trainer, read_events, tiny_llama, token_loader
-from lightning_heatmaps import ActivationHeatmap, GradientHeatmap, LogitLensHeatmap
+import lightning_heatmaps_tensorboard
+from lightning_heatmaps import (ActivationHeatmap, AttentionHeatmap, GradientHeatmap, LogitLensHeatmap, SpikeAlert,
+                               spikes)
 from lightning_heatmaps._worker import BackgroundWriter
 from lightning_heatmaps.sinks import LoggerSink, RunOutputs, Sink, TensorBoardSink
 from lightning_heatmaps_tensorboard.metadata import (ALERT_TAG, PLUGIN_NAME, decode_alert, matrix_content, matrix_tag,
@@ -38,6 +43,7 @@ STEPS = 12
 SPIKY_SAMPLES = 5000
 SPIKE_STEP = 3217
 NAN_STEP = 1003
+DIP_STEP = 4500  # a fall in layer 0: it enters the baseline (upward-only rule), shifting the z after it
 SPIKY_TAGS = ("matrices/activation_rms", "matrices/grad_norm")
 ALERTS = [
     {"step": SPIKE_STEP, "signal": "loss", "value": 9.5, "baseline": 2.25, "z": 40.5,
@@ -54,6 +60,7 @@ def spiky_values(seed: int) -> np.ndarray:
     values = np.exp(rng.normal(0.0, 0.05, (SPIKY_SAMPLES, 2, 2))) * np.array([[1e-3], [100.0]])
     values[SPIKE_STEP, 0, 1] = 1000.0
     values[NAN_STEP, 1, 1] = np.nan
+    values[DIP_STEP, 0, 1] *= 1e-3
     return values.astype(np.float32)
 BASE = f"/data/plugin/{PLUGIN_NAME}"
 CHROMIUM = "/usr/bin/chromium"
@@ -66,7 +73,7 @@ def logdir(tmp_path_factory):
     model = TokenModel(tiny_llama())
     model.model.model.layers[0].mlp.gate_proj.weight.requires_grad_(False)  # frozen: shown as "frozen"
     callbacks = [GradientHeatmap(every_n_steps=1), ActivationHeatmap(every_n_steps=2),
-                 LogitLensHeatmap([[3, 4, 5, 6]], every_n_steps=4)]
+                 LogitLensHeatmap([[3, 4, 5, 6]], every_n_steps=4), AttentionHeatmap(metrics="max_logit", every_n_steps=3)]
     logger = L.pytorch.loggers.TensorBoardLogger(str(root), name="train", version="")
     make_trainer(root, callbacks, max_steps=STEPS, logger=logger).fit(model, token_loader(batches=STEPS))
     writer = SummaryWriter(str(root / "special"))
@@ -117,7 +124,7 @@ def _client(logdir, load_fast):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # both load the logdir in the background
         runs = client.get(f"{BASE}/runs").json
-        if set(runs) == {"train", "special", "spiky"} and len(runs["train"]) == 3 and len(runs["spiky"]) == 2 and \
+        if set(runs) == {"train", "special", "spiky"} and len(runs["train"]) == 4 and len(runs["spiky"]) == 2 and \
                 client.get(f"{BASE}/alerts", query_string={"run": "spiky"}).json["kept"] == len(ALERTS):
             return client
         time.sleep(0.2)
@@ -146,7 +153,10 @@ def test_plugin_is_listed_and_enabled(client):
 def test_runs_describe_every_matrix(client, logdir):
     runs = client.get(f"{BASE}/runs").json
     train = runs["train"]
-    assert set(train) == {"matrices/grad_norm", "matrices/activation_rms", "matrices/logit_lens/prompt_0"}
+    assert set(train) == {"matrices/grad_norm", "matrices/activation_rms", "matrices/logit_lens/prompt_0",
+                          "matrices/attention_max_logit"}
+    attention = train["matrices/attention_max_logit"]
+    assert (attention["kind"], attention["column_axis"], attention["column_labels"]) == ("layer_x_head", "head", ["0", "1", "2", "3", "all"])
     grad = train["matrices/grad_norm"]
     assert (grad["callback"], grad["metric"], grad["kind"], grad["max_step"]) == ("GradientHeatmap", "grad_norm", "layer_x_component", STEPS - 1)
     assert grad["row_labels"] == ["0", "1"] and grad["column_labels"] == [*COMPONENTS, "all"]
@@ -424,6 +434,19 @@ def test_browser_hover_shows_the_npz_value_and_the_slider_scrubs(dashboard, logd
     assert errors == []
 
 
+def test_browser_shows_attention_layer_x_head_with_the_npz_values(dashboard, logdir):
+    page, frame, errors = dashboard
+    _show(frame, "train", "matrices/attention_max_logit")
+    latest = np.load(logdir / "train" / "heatmaps" / "attention_max_logit" / "layer_x_head.npz")
+    assert int(latest["step"]) == 9 and latest["component_labels"].tolist() == ["0", "1", "2", "3"]
+    for row, head in [(0, 3), (1, 1)]:
+        data, text = _hover(frame, row, head)
+        assert (data["row"], data["column"], data["step"]) == (str(row), str(head), "9")
+        assert np.float32(data["value"]) == np.float32(latest["values"][row, head])
+        assert "head" in frame.locator("body").inner_text() and data["value"] in text
+    assert errors == []
+
+
 def test_browser_non_finite_values_click_chart_and_compare(dashboard, tmp_path):
     page, frame, errors = dashboard
     _show(frame, "special", "matrices/grad_norm")
@@ -551,21 +574,16 @@ def _hover_pixel(frame, canvas, x, row):
     return tooltip.evaluate("t => ({...t.dataset})")
 
 
-def robust_z_reference(values, window=128, warmup=64, threshold=6.0, value_floor=1e-12, mad_floor=1e-3):
-    """The robust-z rule (issue 18, contract 3) written plainly with NumPy: z of each value, NaN where none."""
-    baseline, z = [], np.full(len(values), np.nan)
-    for index, value in enumerate(np.asarray(values, dtype=np.float64)):
-        if not np.isfinite(value):
-            continue
-        x = np.log(max(abs(value), value_floor))
-        if len(baseline) >= warmup:
-            window_values = np.array(baseline[-window:])
-            median = np.median(window_values)
-            z[index] = (x - median) / (1.4826 * max(np.median(np.abs(window_values - median)), mad_floor))
-            if abs(z[index]) > threshold:
-                continue  # a spike never enters the baseline
-        baseline.append(x)
-    return z
+def test_dashboard_rule_constants_equal_the_python_rule():
+    """static/baseline.js's ROBUST_Z is spikes.py's rule with SpikeAlert's defaults (one rule, two languages)."""
+    text = (Path(lightning_heatmaps_tensorboard.__file__).parent / "static" / "baseline.js").read_text()
+    block = re.search(r"export const ROBUST_Z = Object\.freeze\(\{(.*?)\}\);", text, re.S).group(1)
+    constants = {name: float(value) for name, value in re.findall(r"(\w+):\s*([-+0-9.e]+),", block)}
+    defaults = inspect.signature(SpikeAlert).parameters
+    assert constants == {"window": spikes.WINDOW, "warmup": spikes.WARMUP, "threshold": spikes.THRESHOLD,
+                         "logFloor": spikes.LOG_FLOOR, "madFloor": spikes.MAD_FLOOR, "madScale": spikes.MAD_SCALE}
+    assert (defaults["window"].default, defaults["warmup"].default, defaults["threshold"].default,
+            defaults["mad_floor"].default) == (spikes.WINDOW, spikes.WARMUP, spikes.THRESHOLD, spikes.MAD_FLOOR)
 
 
 def test_browser_a_planted_spike_among_5000_samples_is_drawn(dashboard):
@@ -609,10 +627,12 @@ def test_browser_z_colouring_alert_markers_and_overview(dashboard, tmp_path):
     spike_x = [x for x, rgb in enumerate(_row_pixels(canvas, 0)) if rgb == DIVERGING_TOP]
     assert spike_x and all(abs(x - SPIKE_STEP * width / SPIKY_SAMPLES) <= 1.5 for x in spike_x), spike_x
     assert DIVERGING_TOP not in _row_pixels(canvas, 1) and MAGENTA in _row_pixels(canvas, 1)
-    # The z shown equals the rule computed with NumPy, and is the largest |z| of the samples its pixel covers.
+    # The z shown equals spikes.py's rule, and is the largest |z| of the samples its pixel covers.
     for row in (0, 1):
-        z = robust_z_reference(values[:, row])
-        for x in (5, 300, spike_x[0], width - 2):
+        z = spikes.robust_z_series(values[:, row])  # SpikeAlert's own rule
+        # After the dip, whose value entered the baseline (upward-only rule), the z differ from a two-sided rule's.
+        dip_xs = [int((DIP_STEP + after) * width / SPIKY_SAMPLES) for after in (10, 30, 50, 70, 90, 110)]
+        for x in (5, 300, spike_x[0], *dip_xs, width - 2):
             hovered = _hover_pixel(frame, canvas, x, row)
             step, first, last = int(hovered["step"]), int(hovered["binFirst"]), int(hovered["binLast"])
             if x == 5:  # the first 64 values have no baseline yet

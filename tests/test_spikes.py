@@ -89,6 +89,54 @@ def test_monitor_reports_a_nan_loss_during_warmup_and_respects_the_cooldown():
     assert monitor.check(6)["step"] == 6
 
 
+def test_a_sampled_signal_alerts_only_when_its_spike_lasts_confirm_samples_samples():
+    """One transient sample of a layer series or of the gradient norm raises nothing; a lasting one does."""
+    rng = np.random.default_rng(0)
+    monitor = SpikeMonitor(warmup=8, window=16)  # confirm_samples=2 by default
+    labels = dict(layer_labels=["0", "1"], column_labels=["mlp.up", "all"])
+    none = np.zeros((2, 1), dtype=bool)
+    values = np.exp(rng.normal(0.0, 0.05, (40, 2)))
+    values[20, 0] *= 30.0  # one transient sample of layer 0
+    values[30:, 1] *= 30.0  # layer 1 stays up from step 30
+    grad = np.exp(rng.normal(0.0, 0.05, 40))
+    grad[20] *= 30.0  # one transient gradient norm
+    records = {}
+    for step in range(40):
+        table = np.concatenate([values[step][:, None], values[step][:, None]], axis=1)  # + the pooled column
+        monitor.observe_series(step, {"activation_rms": table}, none, none, **labels)
+        monitor.observe_grad_norm(step, grad[step])
+        record = monitor.check(step)
+        if record is not None:
+            records[step] = record
+    assert list(records) == [31]  # confirmed at the second sample, dated at the first
+    record = records[31]
+    assert (record["step"], record["signal"], record["series"]["layer"]) == (30, "series", "1")
+    assert record["z"] == pytest.approx(float(dict(monitor.groups["activation_rms"].history)[30][1]))  # the first sample's
+    assert [(cell["layer"], cell["first_step"]) for cell in record["layers"]][:1] == [("1", 30)]
+    one = SpikeMonitor(warmup=8, window=16, confirm_samples=1)  # the rule without confirmation: both alert
+    for step in range(21):
+        one.observe_grad_norm(step, grad[step])
+    assert one.check(20)["signal"] == "grad_norm"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"threshold": -1.0}, r"threshold=-1.0: must be a number > 0"),
+        ({"warmup": 0}, r"warmup=0: must be an integer >= 1"),
+        ({"mad_floor": float("inf")}, r"mad_floor=inf: must be a number > 0"),
+        ({"attribution_samples": 0}, r"attribution_samples=0: must be an integer >= 1"),
+        ({"confirm_samples": 0}, r"confirm_samples=0: must be an integer >= 1"),
+        ({"confirm_samples": 2.0}, r"confirm_samples=2.0: must be an integer >= 1"),
+    ],
+)
+def test_the_core_validates_its_own_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SpikeMonitor(**kwargs)
+    with pytest.raises(ValueError, match=message):  # the adapter passes them through: the same message
+        SpikeAlert(**kwargs)
+
+
 # --- real runs ---------------------------------------------------------------------------------------
 
 
@@ -167,15 +215,43 @@ def test_a_nan_loss_always_alerts_even_in_warmup_and_without_heatmap_callbacks(t
     assert (record["step"], record["signal"], record["nonfinite"], record["z"], record["checked_at"]) == (3, "loss", True, None, 4)
 
 
+def test_a_planted_nan_is_located_at_the_first_non_finite_cell_in_forward_order(tmp_path):
+    """A NaN weight in layer 1's mlp.up at a sampled step: every gradient and every later activation is NaN too,
+    but the alert names layer 1 mlp.up (the first non-finite value computed) first."""
+    alert = SpikeAlert(**SMALL)  # warm-up far longer than the fault's step: a NaN alerts anyway
+    heatmaps = [GradientHeatmap(every_n_steps=2), ActivationHeatmap(every_n_steps=2)]  # gradients listed first
+    seen = []
+
+    class Probe(Callback):
+        def setup(self, trainer, pl_module, stage):
+            for callback in heatmaps:
+                callback.add_sample_listener(seen.append)
+
+    trainer = make_trainer(tmp_path, [*heatmaps, alert, Probe(), PlantFault(6, kind="nan")], max_steps=8)
+    trainer.fit(TokenModel(tiny_llama(2), lr=1e-3), token_loader(batches=8))
+    record = _alerts(trainer)[0]
+    assert record["step"] == 6 and record["nonfinite"], record
+    cells = [(cell["metric"], cell["layer"], cell["component"], cell["first_step"], cell["nonfinite"])
+             for cell in record["layers"]]
+    assert cells[0] == ("activation_rms", "1", "mlp.up", 6, True), cells
+    # Independently: the activations that step are finite up to layer 1's mlp.gate, and every gradient is NaN.
+    samples = {sample.callback: sample for sample in seen if sample.step == 6}
+    activation, gradient = samples["ActivationHeatmap"], samples["GradientHeatmap"]
+    up = activation.column_labels.index("mlp.up")
+    assert not activation.nonfinite[0].any() and activation.nonfinite[1, up]
+    assert gradient.nonfinite[~gradient.missing].all()
+
+
 def test_dense_capture_samples_every_step_after_an_alert_then_returns_to_the_schedule(tmp_path):
     activation = ActivationHeatmap(every_n_steps=4)
     alert = SpikeAlert(warmup=8, window=16, dense_capture_steps=5)  # 12 samples before the fault
     trainer = make_trainer(tmp_path, [activation, alert, PlantFault(45)], max_steps=64)
     trainer.fit(TokenModel(tiny_llama(2), lr=1e-3), token_loader(batches=64))
     (record,) = _alerts(trainer)
-    assert record["checked_at"] == 48
+    # The layer left its baseline at the sample of step 48; confirmed by the next sample (confirm_samples=2).
+    assert (record["step"], record["checked_at"]) == (48, 52)
     saved = np.load(os.path.join(trainer.logger.log_dir, "heatmaps", "activation_rms", "layer_x_step.npz"))
-    assert saved["steps"].tolist() == [*range(0, 49, 4), 49, 50, 51, 52, 53, 56, 60]
+    assert saved["steps"].tolist() == [*range(0, 53, 4), 53, 54, 55, 56, 57, 60]
     assert activation.sample_history("activation_rms")[0].tolist() == saved["steps"].tolist()
 
 
@@ -282,3 +358,48 @@ def test_ddp_an_alert_on_one_ranks_nan_is_seen_by_all_ranks(tmp_path, mode):
     assert last_step == 16
     (npz,) = glob.glob(str(tmp_path / "**" / "activation_rms" / "layer_x_step.npz"), recursive=True)
     assert np.load(npz)["steps"].tolist() == [0, 4, 8, 9, 10, 11, 12]  # dense capture on every rank, no hang
+    # Collectives per step, counted in each rank's process (the broadcast on every step, sampled or not, is not
+    # the sampling path's): a sampled step has the ActivationHeatmap sample's one all-gather, which also carries
+    # SpikeAlert's losses (GradientHeatmap's DDP gradients are replicated: no collective); other steps none.
+    assert _our_collectives(ranks) == {step: ["all_gather_into_tensor"] for step in (0, 4, 8, 9, 10, 11, 12)}
+
+
+def _our_collectives(ranks):
+    """Per step, the collectives of the sampling path and SpikeAlert (the same on both ranks)."""
+    found = [{int(step): [name for name in names if name != "broadcast"] for step, names in rank["collectives"].items()}
+             for rank in ranks]
+    assert found[0] == found[1]
+    return {step: names for step, names in found[0].items() if names}
+
+
+def test_ddp_spike_alert_alone_uses_one_all_reduce_per_check(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "spike_ddp_script.py")
+    done = subprocess.run([sys.executable, script, str(tmp_path), "alone"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.load(open(tmp_path / f"rank{rank}.json")) for rank in (0, 1)]
+    assert ranks[0]["alerts"] == ranks[1]["alerts"]
+    (record,) = ranks[0]["alerts"]
+    assert (record["step"], record["signal"], record["nonfinite"], record["checked_at"]) == (5, "loss", True, 8)
+    assert _our_collectives(ranks) == {step: ["all_reduce"] for step in (0, 4, 8, 12)}  # every log_every_n_steps
+
+
+def _comparable(record):
+    """An alert record with its floats rounded to 4 significant digits (sharded sums add in another order)."""
+    def rounded(value):
+        return None if value is None else float(f"{value:.4g}")
+    return {**record, "value": rounded(record["value"]), "baseline": rounded(record["baseline"]), "z": rounded(record["z"]),
+            "layers": [{**cell, "z": rounded(cell["z"])} for cell in record["layers"]]}
+
+
+def test_fsdp2_alerts_equal_the_one_process_run_on_the_same_global_batch(tmp_path):
+    """ModelParallelStrategy(data_parallel_size=2) with fully_shard, gloo: a planted layer fault gives, on both
+    ranks, the alert of one process on the same global batch (layers, first steps, z to 4 digits)."""
+    script = os.path.join(os.path.dirname(__file__), "spike_sharded_script.py")
+    for mode in ("single", "fsdp2"):
+        done = subprocess.run([sys.executable, script, str(tmp_path), mode], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    single = json.load(open(tmp_path / "single" / "rank0.json"))["alerts"]
+    ranks = [json.load(open(tmp_path / "fsdp2" / f"rank{rank}.json"))["alerts"] for rank in (0, 1)]
+    assert len(single) == 1 and single[0]["step"] == 14 and single[0]["layers"][0]["layer"] == "1", single
+    assert ranks[0] == ranks[1]
+    assert [_comparable(record) for record in ranks[0]] == [_comparable(record) for record in single]

@@ -9,10 +9,11 @@ from lightning_heatmaps.core.activation import ActivationMonitor
 from lightning_heatmaps.core.context import RunContext
 from lightning_heatmaps.core.expert import ExpertMonitor, resolve_experts
 from lightning_heatmaps.core.gradient import GradientMonitor
-from lightning_heatmaps.core.monitor import HeatmapMonitor, Sample, SampleListener
+from lightning_heatmaps.core.monitor import CollectiveContributor, HeatmapMonitor, Sample, SampleListener
 
 __all__ = [
     "ActivationMonitor",
+    "CollectiveContributor",
     "ExpertMonitor",
     "GradientMonitor",
     "HeatmapMonitor",

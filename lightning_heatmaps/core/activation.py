@@ -129,5 +129,7 @@ class ActivationMonitor(HeatmapMonitor):
             # with one collective, are those of the global batch. Counts ride along as the last row.
             counts_row = torch.as_tensor(counts, dtype=statistics.dtype).to(statistics.device)
             maxed = [i for i, name in enumerate(self._statistics) if name == "maxabs"]
-            return pool_over_ranks(torch.cat([statistics, counts_row[None]]), maxed), None
+            rows = torch.cat([statistics, counts_row[None]])
+            carried, taken = self._with_contributions(rows)  # other consumers' values ride along, summed
+            return self._take_contributions(pool_over_ranks(carried, maxed), len(rows), taken), None
         return statistics, counts

@@ -26,6 +26,11 @@ class RunContext:
             writes through (on ranks other than zero: one that writes nothing).
         default_every_n_steps: the sample period of monitors built with ``every_n_steps=None``.
         trainer: the name of the driving trainer, for messages (``Lightning``, ``Trainer``, ``Fabric``, ``loop``).
+        extra: adapter-specific facts (e.g. the writer :meth:`for_directory` opened).
+        info: how a one-line report reaches the user (default: the ``lightning_heatmaps`` logger on rank zero;
+            the Lightning adapter passes Lightning's ``rank_zero_info``, so the report appears where Lightning's do).
+        device: the device this rank computes on (where a monitor allocates its sample tensors); ``None``:
+            the device of the model's first parameter.
 
     Example:
         >>> import tempfile
@@ -39,6 +44,8 @@ class RunContext:
     default_every_n_steps: int = 50
     trainer: str = "loop"
     extra: dict[str, Any] = field(default_factory=dict)
+    device: Any = None
+    info: Callable[[str], None] = rank_zero_info
 
     @classmethod
     def for_directory(

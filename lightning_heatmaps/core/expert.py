@@ -169,5 +169,6 @@ class ExpertMonitor(HeatmapMonitor):
                 "grad_sumsq": self._grad_sumsq if self._grad_sumsq is not None else torch.zeros(slots, device=device)}
         statistics = torch.stack([rows[name] for name in self._statistics])
         if self._world > 1:
-            statistics = sum_over_ranks(statistics)  # the sample's one collective; every rank joins
+            carried, taken = self._with_contributions(statistics)  # other consumers' values ride along
+            statistics = self._take_contributions(sum_over_ranks(carried), len(statistics), taken)  # the one collective
         return statistics, self._counts.copy()

@@ -139,5 +139,6 @@ class GradientMonitor(HeatmapMonitor):
         rows, self._rows = self._rows, {}
         statistics = torch.stack([rows[name] for name in self._statistics])
         if squares.sharded:
-            statistics = sum_over_ranks(statistics)  # the sample's one collective; every rank joins
+            carried, taken = self._with_contributions(statistics)  # other consumers' values ride along
+            statistics = self._take_contributions(sum_over_ranks(carried), len(statistics), taken)  # the one collective
         return statistics, self._counts

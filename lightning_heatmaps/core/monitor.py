@@ -32,15 +32,15 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from lightning_heatmaps._ranks import rank_zero_info, rank_zero_warn
+from lightning_heatmaps._ranks import rank_zero_warn
 from lightning_heatmaps.core.context import RunContext
-from lightning_heatmaps.distributed import check_tensor_placement
+from lightning_heatmaps.distributed import append_payload, check_tensor_placement, split_payload
 from lightning_heatmaps.layers import LayerMap, ModuleSelection, layer_tags, resolve_layers, selection_key
 from lightning_heatmaps.reductions import ALL_COMPONENTS, MetricDefinition, metric_table
 from lightning_heatmaps.render import metric_images
@@ -98,6 +98,16 @@ class Sample:
 SampleListener = Callable[[Sample], None]
 
 
+class CollectiveContributor(Protocol):
+    """Values that ride along in a sample's one collective (see :meth:`HeatmapMonitor.add_collective_contributor`)."""
+
+    def collective_values(self, step: int) -> torch.Tensor | None:
+        """This rank's values to sum over ranks at the sample of ``step`` (1-D), or ``None`` (nothing this time)."""
+
+    def collective_result(self, step: int, summed: torch.Tensor) -> None:
+        """The values of :meth:`collective_values` summed over ranks (every rank gets the same)."""
+
+
 @dataclass
 class _PendingSample:
     step: int
@@ -119,6 +129,11 @@ class HeatmapMonitor:
     STATISTICS: ClassVar[tuple[str, ...]] = ()
     #: What a column is (``component``, ``expert``): the axis name of the dashboard's matrices.
     COLUMN_AXIS: ClassVar[str] = "component"
+    #: Name of the latest sample's layer x column image and array (``layer_x_head`` for attention heads).
+    LATEST_IMAGE: ClassVar[str] = "layer_x_component"
+    #: Log one scalar per layer (the pooled column) instead of one per cell: a fixed number of tags when
+    #: the columns are many (attention heads).
+    POOLED_SCALARS_ONLY: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -209,6 +224,7 @@ class HeatmapMonitor:
         self._active = False
         self._collecting = False  # inside a sampled micro-batch's forward, before its backward
         self._listeners: list[SampleListener] = []
+        self._contributors: list[CollectiveContributor] = []
         self._context: RunContext | None = None
         self._dense_request = 0  # steps of dense capture asked for, starting at the next optimizer step
         self._dense_until = -1  # steps < this are sampled whatever every_n_steps says
@@ -258,6 +274,45 @@ class HeatmapMonitor:
         """Stop calling ``listener`` (no error if it was not registered)."""
         if listener in self._listeners:
             self._listeners.remove(listener)
+
+    def add_collective_contributor(self, contributor: CollectiveContributor) -> None:
+        """Let ``contributor`` add values to this monitor's per-sample collective, when the sample has one.
+
+        Under DDP/FSDP2 a sample whose numbers are pooled over ranks (activations; sharded gradients) runs one
+        collective. At each such sample, ``contributor.collective_values(step)`` is asked for a 1-D tensor;
+        its values are appended to the tensor already being reduced, summed over ranks, and handed back with
+        ``contributor.collective_result(step, summed)`` before the sample is delivered. No extra collective.
+        Samples without a collective (one process; replicated DDP gradients) do not call it. Every rank must
+        register the same contributors and return values of the same length.
+
+        Example:
+            >>> callback = ActivationHeatmap()  # doctest: +SKIP
+            >>> callback.add_collective_contributor(spike_alert)  # doctest: +SKIP
+        """
+        self._contributors.append(contributor)
+
+    def remove_collective_contributor(self, contributor: CollectiveContributor) -> None:
+        """Stop asking ``contributor`` (no error if it was not registered)."""
+        if contributor in self._contributors:
+            self._contributors.remove(contributor)
+
+    def _with_contributions(self, rows: torch.Tensor) -> tuple[torch.Tensor, list[tuple[CollectiveContributor, int]]]:
+        """``rows`` with every contributor's values appended (the subclass then runs its one collective)."""
+        taken = []
+        for contributor in self._contributors:
+            values = contributor.collective_values(self._last_sampled_step)
+            if values is not None and values.numel():
+                taken.append((contributor, values.numel()))
+                rows = append_payload(rows, values)
+        return rows, taken
+
+    def _take_contributions(self, pooled: torch.Tensor, rows: int, taken: list[tuple[CollectiveContributor, int]]) -> torch.Tensor:
+        """Hands each contributor its summed values back; returns the sample's own ``rows`` rows."""
+        row = rows
+        for contributor, length in taken:
+            values, row = split_payload(pooled, row, length)
+            contributor.collective_result(self._last_sampled_step, values)
+        return pooled[:rows]
 
     def sample_history(self, metric: str) -> tuple[np.ndarray, np.ndarray]:
         """Copies of ``(steps, values)`` of ``metric`` (a full name of :attr:`metric_names`), oldest first.
@@ -355,7 +410,7 @@ class HeatmapMonitor:
             layout = {
                 f"heatmaps/{name}": {
                     component: [rf"^{re.escape(name)}/layer_\d+/{re.escape(component)}$"]
-                    for component in [*layer_map.component_names, ALL_COMPONENTS]
+                    for component in [*([] if self.POOLED_SCALARS_ONLY else layer_map.component_names), ALL_COMPONENTS]
                 }
                 for name in self.metric_names
             }
@@ -363,7 +418,7 @@ class HeatmapMonitor:
         check_tensor_placement([ref for component in layer_map.components for ref in component.params], type(self).__name__)
         self._attach(model, layer_map)
         self._matrix_contents = self._dashboard_contents(layer_map) if self._outputs.active else {}
-        rank_zero_info(f"{type(self).__name__} ({', '.join(self.metric_names)}) monitors {layer_map.describe()}{self._describe()}")
+        context.info(f"{type(self).__name__} ({', '.join(self.metric_names)}) monitors {layer_map.describe()}{self._describe()}")
         self._active = True
 
     def begin_training(self) -> None:
@@ -575,7 +630,7 @@ class HeatmapMonitor:
             tables[definition.name] = table
             for layer, tag in enumerate(self._layer_tags):
                 for column, component in enumerate(components):
-                    if column == len(components) - 1 or not self._missing[layer, column]:
+                    if column == len(components) - 1 or not self._missing[layer, column] and not self.POOLED_SCALARS_ONLY:
                         scalars[f"{definition.name}/{tag}/{component}"] = float(table[layer, column])
         if self._outputs is not None:
             self._outputs.log_scalars(scalars, sample.step)  # on the training thread, see RunOutputs
@@ -622,13 +677,13 @@ class HeatmapMonitor:
         snapshots = {name: buffer.ordered() for name, buffer in self._buffers.items() if len(buffer)}
         labels, names, missing = list(self.layer_map.layer_labels), list(self.layer_map.component_names), self._missing.copy()
         outputs, style, per_component = self._outputs, dict(self.style), self.per_component_images
-        column_axis = self.COLUMN_AXIS
+        column_axis, latest_name = self.COLUMN_AXIS, self.LATEST_IMAGE
 
         def render() -> None:
             for metric, (steps, history) in snapshots.items():
                 images = metric_images(
                     metric, steps, history, layer_labels=labels, component_names=names, missing=missing,
-                    per_component=per_component, column_axis=column_axis, **style,
+                    per_component=per_component, column_axis=column_axis, latest_name=latest_name, **style,
                 )
                 for image_name, rgb, arrays in images:
                     outputs.publish_image(metric, image_name, rgb, arrays, int(steps[-1]))

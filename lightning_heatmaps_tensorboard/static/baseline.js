@@ -1,22 +1,25 @@
-// The robust z of every value of a series against that series' own previous values: the rule SpikeAlert
-// applies (issue 18, contract 3), for the "z against its own baseline" colouring. Pure maths, no DOM.
+// The robust z of every value of a series against that series' own previous values: exactly the rule SpikeAlert
+// applies (lightning_heatmaps/spikes.py), for the "z against its own baseline" colouring. Pure maths, no DOM.
 //
 // For each value v, in step order:
-//   x = ln(max(|v|, valueFloor))                       (a log scale: a jump is relative, whatever the scale)
-//   baseline = the previous `window` values x that were finite and not themselves spikes
-//   z = (x - median(baseline)) / (1.4826 * max(MAD(baseline), madFloor))
-// where MAD = median(|baseline - median(baseline)|) and 1.4826 makes it a standard deviation for normal
-// noise; the MAD floor keeps a constant series from giving infinite z. A value is a spike when |z| >
-// threshold, and a spike never enters the baseline. Until the baseline holds `warmup` values there is no
-// z ("no baseline yet"), and every finite value enters it. NaN and +/-Inf have no z and never enter.
+//   x = ln(max(|v|, logFloor))                         (a log scale: a jump is relative, whatever the scale)
+//   baseline = the previous `window` values x that were accepted
+//   z = (x - median(baseline)) / (madScale * max(MAD(baseline), madFloor))
+// where MAD = median(|baseline - median(baseline)|) and madScale = 1.4826 makes it a standard deviation for
+// normal noise; the MAD floor keeps a constant series from giving infinite z. Until the baseline holds `warmup`
+// values there is no z ("no baseline yet") and every finite value is accepted; afterwards a value is accepted
+// unless it is a spike, z > threshold (upward only, as in spikes.py: a value below its baseline is accepted).
+// NaN and +/-Inf have no z and are never accepted.
 
-// The rule's constants, in one place so that they can be aligned with SpikeAlert's defaults.
+// The rule's constants: spikes.py's LOG_FLOOR, MAD_FLOOR, MAD_SCALE and SpikeAlert's defaults (a test asserts that
+// they are equal, tests/test_dashboard.py::test_dashboard_rule_constants_equal_the_python_rule).
 export const ROBUST_Z = Object.freeze({
-  window: 128,       // baseline: the previous 128 values that were not spikes
+  window: 128,       // baseline: the previous 128 accepted values
   warmup: 64,        // values in the baseline before a z is given
-  threshold: 6,      // |z| above this is a spike (kept out of the baseline)
-  valueFloor: 1e-12, // |v| below this counts as this (the log of 0 is -Inf)
-  madFloor: 1e-3,    // floor of the MAD, in natural-log units (a 0.1% change)
+  threshold: 6,      // z above this is a spike (kept out of the baseline)
+  logFloor: 1e-12,   // |v| below this counts as this (the log of 0 is -Inf)
+  madFloor: 0.02,    // floor of the MAD, in natural-log units (a 2% spread)
+  madScale: 1.4826,  // MAD times this estimates a standard deviation
 });
 
 export const Z_VALUE = 0;       // z holds the value's robust z
@@ -39,15 +42,15 @@ export function robustZ(read, count, rule = ROBUST_Z) {
       kind[i] = Z_NONFINITE;
       continue;
     }
-    const x = Math.log(Math.max(Math.abs(value), rule.valueFloor));
+    const x = Math.log(Math.max(Math.abs(value), rule.logFloor));
     let spike = false;
     if (size >= rule.warmup) {
       const median = medianOfSorted(sorted, size);
       const mad = Math.max(madOfSorted(sorted, size, median), rule.madFloor);
-      const score = (x - median) / (1.4826 * mad);
+      const score = (x - median) / (rule.madScale * mad);
       z[i] = score;
       kind[i] = Z_VALUE;
-      spike = Math.abs(score) > rule.threshold;
+      spike = score > rule.threshold;  // upward only: a fall is accepted
     } else {
       kind[i] = Z_WARMUP;
     }

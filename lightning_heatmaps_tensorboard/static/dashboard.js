@@ -616,8 +616,8 @@ export class Dashboard {
     const lines = [];
     if (zMode) {
       lines.push(`Colour: each cell's robust z against its own series' previous values: ln|value| minus the median of ` +
-                 `the previous ${ROBUST_Z.window} values that were not spikes, over 1.4826 × their MAD (floored at ` +
-                 `${ROBUST_Z.madFloor}). Blue: below its baseline; red: above; |z| > ${ROBUST_Z.threshold} is a spike ` +
+                 `the previous ${ROBUST_Z.window} values that were not spikes, over ${ROBUST_Z.madScale} × their MAD (floored at ` +
+                 `${ROBUST_Z.madFloor}). Blue: below its baseline; red: above; z > ${ROBUST_Z.threshold} is a spike ` +
                  `(kept out of the baseline). Mid grey: no baseline yet (fewer than ${ROBUST_Z.warmup} earlier values); ` +
                  `magenta: NaN or ±Inf.`);
     }

@@ -1,0 +1,150 @@
+"""The maths of :class:`~lightning_heatmaps.AttentionHeatmap`: per-head attention statistics from q and k.
+
+Pure functions, no hooks: given the queries and keys an attention call used, its scale, its mask (as the
+model passes it), sliding window and soft-cap, :func:`attention_statistics` returns, per query head, the
+largest pre-softmax logit ``scale * q.k`` over the keys each query may see (before soft-capping), and the sum
+and count of the entropies (natural log) of the attention rows the model used (after mask, soft-cap and
+softmax, before dropout), over the non-padding query rows. Values stay on the input's device.
+
+Memory: the logits are formed in float32 for a chunk of query rows at a time, ``B * H * rows * Lk`` floats,
+with ``rows`` chosen so that a chunk takes at most :data:`CHUNK_BYTES` (64 MiB) plus a few temporaries of the
+same size (a boolean mask and the softmax): about 4 x 64 MiB at peak, whatever the sequence length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+#: Bytes of float32 logits formed at once (``batch x heads x query rows x keys``).
+CHUNK_BYTES = 64 * 2**20
+
+
+def allowed_keys(mask: Tensor | None, dtype: torch.dtype = torch.float32) -> Tensor | None:
+    """Which keys a query may see under ``mask``: ``True`` where allowed.
+
+    A boolean mask is taken as given (``True`` = attend, the convention of
+    :func:`torch.nn.functional.scaled_dot_product_attention`); an additive mask allows a key unless its
+    value is ``-inf`` or at most half the most negative finite value of its dtype (the "minus infinity"
+    transformers and PyTorch use for masked keys).
+
+    Example:
+        >>> allowed_keys(torch.tensor([0.0, float("-inf"), torch.finfo(torch.float32).min, -3.0])).tolist()
+        [True, False, False, True]
+    """
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def _window_mask(rows: Tensor, keys: int, offset: int, causal: bool, window: int | None, device: torch.device) -> Tensor:
+    """``[rows, keys]`` allowed keys of a causal and/or sliding-window mask (query ``i`` sits at ``i + offset``)."""
+    position = rows[:, None] + offset
+    key = torch.arange(keys, device=device)[None, :]
+    allowed = torch.ones(rows.shape[0], keys, dtype=torch.bool, device=device)
+    if causal:
+        allowed &= key <= position
+    if window is not None:
+        allowed &= key > position - window
+    return allowed
+
+
+def attention_statistics(
+    query: Tensor,
+    key: Tensor,
+    scale: float | None = None,
+    mask: Tensor | None = None,
+    *,
+    causal: bool = False,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    query_rows: Tensor | None = None,
+    query_stride: int = 1,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per query head: the max pre-softmax logit, the sum of row entropies and the number of rows.
+
+    Args:
+        query: ``[B, Hq, Lq, D]``.
+        key: ``[B, Hkv, Lk, D]``; ``Hq`` must be a multiple of ``Hkv`` (grouped-query attention repeats each
+            key head ``Hq / Hkv`` times, as the models do).
+        scale: the logit scale (default ``1 / sqrt(D)``).
+        mask: broadcastable to ``[B, Hq, Lq, Lk]``; boolean (``True`` = attend) or additive (added to the
+            logits after soft-capping, as the models do; ``-inf`` or the dtype's minimum masks a key).
+        causal: apply a causal mask (queries aligned to the last keys), as ``is_causal`` does. Used with
+            ``sliding_window`` only when ``mask`` is ``None`` (a given mask already holds both).
+        sliding_window: a query sees at most this many keys (itself included), when ``mask`` is ``None``.
+        softcap: ``softcap * tanh(logit / softcap)`` before the mask (Gemma 2); the max logit is taken before it.
+        query_rows: ``[B, Lq]`` boolean, ``False`` for padding queries (excluded). Rows that may see no key
+            are excluded as well.
+        query_stride: measure every ``query_stride``-th query row only; ``max_logit`` is then a lower bound of
+            the exact value and the entropy an estimate of the mean over rows.
+        chunk_bytes: float32 logits formed at once (bounds the memory, see the module's docstring).
+
+    Returns:
+        ``(max_logit, entropy_sum, rows)``, each ``[Hq]`` float32 on the query's device. ``max_logit`` is
+        ``-inf`` for a head with no row; a NaN or infinite logit propagates into its head's values.
+
+    Example:
+        >>> q = torch.tensor([[[[1.0, 0.0]]]])
+        >>> k = torch.tensor([[[[2.0, 0.0], [0.0, 0.0]]]])
+        >>> top, entropy, rows = attention_statistics(q, k, scale=1.0)
+        >>> float(top[0]), round(float(entropy[0]), 4), float(rows[0])
+        (2.0, 0.3653, 1.0)
+    """
+    with torch.no_grad():
+        batch, heads, length, dim = query.shape
+        kv_heads, keys = key.shape[1], key.shape[2]
+        if heads % kv_heads:
+            raise ValueError(f"query heads ({heads}) must be a multiple of key heads ({kv_heads}).")
+        scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+        device = query.device
+        key32 = key.detach().to(torch.float32)
+        if kv_heads != heads:
+            key32 = key32.repeat_interleave(heads // kv_heads, dim=1)
+        allowed_all = allowed_keys(mask)
+        additive = None if mask is None or mask.dtype == torch.bool else mask
+        rows_all = torch.arange(0, length, max(1, query_stride), device=device)
+        per_row = batch * heads * keys * 4
+        chunk = max(1, min(len(rows_all), chunk_bytes // max(per_row, 1)))
+        top = torch.full((heads,), -math.inf, device=device)
+        entropy_sum = torch.zeros(heads, device=device)
+        count = torch.zeros(heads, device=device)
+        for start in range(0, len(rows_all), chunk):
+            rows = rows_all[start : start + chunk]
+            q = query.detach()[:, :, rows].to(torch.float32)
+            logits = torch.matmul(q, key32.transpose(-1, -2)) * scale  # [B, H, r, Lk]
+            if allowed_all is not None:
+                allowed = _take_rows(allowed_all, rows, length).expand(logits.shape)
+            else:
+                allowed = _window_mask(rows, keys, keys - length, causal, sliding_window, device).expand(logits.shape)
+            valid = allowed.any(dim=-1)  # [B, H, r]
+            if query_rows is not None:
+                valid = valid & query_rows[:, None, rows].to(device)
+            top = torch.maximum(top, _masked_amax(logits, allowed & valid[..., None]))
+            scores = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+            if additive is not None:
+                scores = scores + _take_rows(additive, rows, length).to(torch.float32)
+            scores = scores.masked_fill(~allowed, -math.inf)
+            log_p = torch.log_softmax(scores, dim=-1)
+            entropy = -(log_p.exp() * log_p.masked_fill(~allowed, 0.0)).sum(dim=-1)  # [B, H, r]
+            entropy_sum += torch.where(valid, entropy, 0.0).sum(dim=(0, 2))
+            count += valid.sum(dim=(0, 2)).to(torch.float32)
+        return top, entropy_sum, count
+
+
+def _take_rows(mask: Tensor, rows: Tensor, length: int) -> Tensor:
+    """The query rows ``rows`` of a mask broadcastable to ``[..., Lq, Lk]`` (a size-1 row dim broadcasts)."""
+    mask = mask if mask.dim() >= 2 else mask[None]
+    while mask.dim() < 4:
+        mask = mask[None]
+    return mask if mask.shape[-2] == 1 else mask[..., rows, :]
+
+
+def _masked_amax(logits: Tensor, allowed: Tensor) -> Tensor:
+    """Per head (dim 1) max over allowed entries (``amax`` propagates NaN), ``-inf`` where nothing is allowed."""
+    return logits.masked_fill(~allowed, -math.inf).amax(dim=(0, 2, 3))

@@ -1,0 +1,588 @@
+"""AttentionHeatmap against an independent reference computed from the model's own pieces.
+
+The reference captures each attention's q and k projection outputs with forward hooks, applies the model's
+rotary embedding (its own ``position_embeddings`` with the modeling module's public ``apply_rotary_pos_emb``),
+masks as the family does (causal, sliding window, padding), and takes the entropy from the eager
+``output_attentions=True`` probabilities of the same forward. The callback's values are read back from the
+npz files and event files a user reads.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_heatmaps import AttentionHeatmap, attention_statistics
+from lightning_heatmaps.attention import allowed_keys
+
+from conftest import VOCAB, make_trainer, read_events, scalar_series
+
+def _build(cls, config, implementation):
+    model = cls(config)
+    model.set_attn_implementation(implementation)
+    return model
+
+
+FAMILIES = {
+    "llama": lambda impl: _build(T.LlamaForCausalLM, T.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=64), impl),
+    "gpt2": lambda impl: _build(T.GPT2LMHeadModel, T.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0,
+        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, scale_attn_by_inverse_layer_idx=True), impl),
+    "gemma2": lambda impl: _build(T.Gemma2ForCausalLM, T.Gemma2Config(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, vocab_size=VOCAB, max_position_embeddings=64, sliding_window=4, attn_logit_softcapping=0.1,
+        query_pre_attn_scalar=1, final_logit_softcapping=None), impl),
+    "bert": lambda impl: _build(T.BertForMaskedLM, T.BertConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), impl),
+    "bart": lambda impl: _build(T.BartForConditionalGeneration, T.BartConfig(
+        d_model=32, encoder_ffn_dim=48, decoder_ffn_dim=48, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=64,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, decoder_start_token_id=2), impl),
+}
+
+
+class PaddedModel(L.LightningModule):
+    """A Hugging Face model trained on (tokens, attention mask) batches with right padding."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def inputs(self, batch):
+        ids, mask = batch
+        kwargs = dict(input_ids=ids, attention_mask=mask)
+        if self.model.config.is_encoder_decoder:
+            kwargs.update(decoder_input_ids=ids, decoder_attention_mask=mask)
+        return kwargs
+
+    def training_step(self, batch, batch_idx):
+        logits = self.model(**self.inputs(batch)).logits
+        return logits.float().logsumexp(-1).mean() + logits.float().square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def padded_loader(batches=3, batch_size=3, length=12, seed=0, padded=True):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batches * batch_size, length), generator=generator)
+    mask = torch.ones_like(ids)
+    if padded:
+        for row in range(len(ids)):
+            mask[row, length - row % 4 * 2 :] = 0  # 0, 2, 4 or 6 padding positions at the end
+    return torch.utils.data.DataLoader(list(zip(ids, mask)), batch_size=batch_size)
+
+
+# --- the independent reference ---------------------------------------------------------------------
+
+
+def _sites(model):
+    """(q module, k module, heads, kv heads, rope module or None, scale, kind, window, key source) per row, in
+    the callback's row order; kind is causal / bidirectional / cross."""
+    config = model.config
+    if isinstance(model, (T.LlamaForCausalLM, T.Gemma2ForCausalLM)):
+        scale = (config.query_pre_attn_scalar ** -0.5) if isinstance(model, T.Gemma2ForCausalLM) else config.head_dim ** -0.5
+        rows = []
+        for i, layer in enumerate(model.model.layers):
+            window = config.sliding_window if getattr(config, "layer_types", None) and config.layer_types[i] == "sliding_attention" else None
+            a = layer.self_attn
+            rows.append((a.q_proj, a.k_proj, config.num_attention_heads, config.num_key_value_heads, a, scale, "causal", window))
+        return rows
+    if isinstance(model, T.GPT2LMHeadModel):
+        head_dim = config.n_embd // config.n_head
+        return [(b.attn.c_attn, b.attn.c_attn, config.n_head, config.n_head, None, head_dim ** -0.5 / (i + 1), "causal", None)
+                for i, b in enumerate(model.transformer.h)]
+    if isinstance(model, T.BertForMaskedLM):
+        return [(l.attention.self.query, l.attention.self.key, 4, 4, None, 8 ** -0.5, "bidirectional", None)
+                for l in model.bert.encoder.layer]
+    rows = [(l.self_attn.q_proj, l.self_attn.k_proj, 4, 4, None, 8 ** -0.5, "bidirectional", None) for l in model.model.encoder.layers]
+    for l in model.model.decoder.layers:
+        rows.append((l.self_attn.q_proj, l.self_attn.k_proj, 4, 4, None, 8 ** -0.5, "causal", None))
+        rows.append((l.encoder_attn.q_proj, l.encoder_attn.k_proj, 4, 4, None, 8 ** -0.5, "cross", None))
+    return rows
+
+
+def reference(model, kwargs):
+    """Per row and head: the exact max logit and mean row entropy, and the output logits' log Z mean and max |.|."""
+    sites = _sites(model)
+    outputs: dict[int, torch.Tensor] = {}
+    rope: dict[int, tuple] = {}
+    handles = []
+    for q, k, *_ in sites:
+        for module in (q, k):
+            handles.append(module.register_forward_hook(lambda m, a, o: outputs.setdefault(id(m), []).append(o.detach())))
+    for site in sites:
+        if site[4] is not None:
+            handles.append(site[4].register_forward_pre_hook(
+                lambda m, a, kw: rope.setdefault(id(m), kw["position_embeddings"]) and None, with_kwargs=True))
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            result = model(**kwargs, output_attentions=True)
+    finally:
+        model.set_attn_implementation(implementation)
+        for handle in handles:
+            handle.remove()
+    if model.config.is_encoder_decoder:
+        probabilities = [*result.encoder_attentions]
+        for self_, cross in zip(result.decoder_attentions, result.cross_attentions):
+            probabilities += [self_, cross]
+    else:
+        probabilities = list(result.attentions)
+    mask = kwargs["attention_mask"].bool()
+    queries_mask = kwargs.get("decoder_attention_mask", mask).bool()
+    calls: dict[int, int] = {}
+    maxima, entropies = [], []
+    for (q_mod, k_mod, heads, kv_heads, rope_owner, scale, kind, window), p in zip(sites, probabilities):
+        def take(module):
+            index = calls.get(id(module), 0)
+            calls[id(module)] = index + 1
+            return outputs[id(module)][index]
+        if q_mod is k_mod:  # GPT-2's fused c_attn
+            fused = take(q_mod)
+            q_out, k_out = fused.split(fused.shape[-1] // 3, dim=-1)[:2]
+        else:
+            q_out, k_out = take(q_mod), take(k_mod)
+        batch, length = q_out.shape[:2]
+        q = q_out.view(batch, length, heads, -1).transpose(1, 2)
+        k = k_out.view(batch, k_out.shape[1], kv_heads, -1).transpose(1, 2)
+        if rope_owner is not None:
+            module = sys.modules[type(rope_owner).__module__]
+            cos, sin = rope[id(rope_owner)]
+            q, k = module.apply_rotary_pos_emb(q, k, cos, sin)
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        logits = (q @ k.transpose(-1, -2)) * scale
+        keys = k.shape[2]
+        if kind == "cross":
+            allowed = mask[:, None, None, :].expand(batch, 1, length, keys)
+            rows = queries_mask
+        else:
+            key_mask = mask if kind == "bidirectional" else queries_mask
+            allowed = key_mask[:, None, None, :].expand(batch, 1, length, keys).clone()
+            position = torch.arange(length)
+            if kind == "causal":
+                allowed &= position[None, :] <= position[:, None]
+            if window is not None:
+                allowed &= position[None, :] > position[:, None] - window
+            rows = key_mask
+        counted = allowed & rows[:, None, :, None]
+        maxima.append(logits.masked_fill(~counted, -math.inf).amax(dim=(0, 2, 3)))
+        entropy = -(p * torch.where(p > 0, p.log(), 0.0)).sum(-1)  # [B, H, L]
+        weights = rows[:, None, :].float()
+        entropies.append((entropy * weights).sum(dim=(0, 2)) / weights.sum(dim=(0, 2)))
+    logits = result.logits.float()
+    log_z = torch.logsumexp(logits, -1)
+    output = (float(log_z[queries_mask].mean()), float(logits.abs()[queries_mask].max()))
+    return torch.stack(maxima).numpy(), torch.stack(entropies).numpy(), output
+
+
+class Reference(Callback):
+    """Records the reference at the start of each sampled step (before the AttentionHeatmap taps go in)."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.values: dict[int, tuple] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step % self.every == 0:
+            self.values[trainer.global_step] = reference(pl_module.model, pl_module.inputs(batch))
+
+
+def run(tmp_path, model, loader, steps=3, every=2, extra=(), **options):
+    callback = AttentionHeatmap(every_n_steps=every, min_render_interval_seconds=0, **options)
+    ref = Reference(every)
+    trainer = make_trainer(tmp_path, [ref, callback, *extra], max_steps=steps)
+    trainer.fit(PaddedModel(model), loader)
+    return trainer, callback, ref
+
+
+def check_against_reference(trainer, callback, ref, labels):
+    log_dir = trainer.logger.log_dir
+    events = read_events(log_dir)
+    top = np.load(f"{log_dir}/heatmaps/attention_max_logit/layer_x_head.npz")
+    entropy = np.load(f"{log_dir}/heatmaps/attention_entropy/layer_x_head.npz")
+    last = max(ref.values)
+    assert int(top["step"]) == last and str(top["metric"]) == "attention_max_logit"
+    assert top["layer_labels"].tolist() == labels and top["component_labels"].tolist() == ["0", "1", "2", "3"]
+    assert not top["missing"].any()
+    expected_top, expected_entropy, (log_z, max_abs) = ref.values[last]
+    np.testing.assert_allclose(top["values"], expected_top, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(entropy["values"], expected_entropy, rtol=1e-5, atol=1e-6)
+    tags = callback._layer_tags
+    for step, (expected_top, expected_entropy, (log_z, max_abs)) in ref.values.items():
+        for row, tag in enumerate(tags):
+            assert scalar_series(events, f"attention_max_logit/{tag}/all")[step] == pytest.approx(expected_top[row].max(), rel=1e-5)
+        # the per-layer entropy is the row-weighted mean over heads: every head has the layer's rows
+        for row, tag in enumerate(tags):
+            assert scalar_series(events, f"attention_entropy/{tag}/all")[step] == pytest.approx(expected_entropy[row].mean(), rel=1e-5)
+        assert scalar_series(events, "output_logits/log_z_mean")[step] == pytest.approx(log_z, rel=1e-5)
+        assert scalar_series(events, "output_logits/max_abs")[step] == pytest.approx(max_abs, rel=1e-5)
+    per_layer = [t for t in events.Tags()["scalars"] if t.startswith("attention_")]
+    assert len(per_layer) == 2 * len(labels)  # a fixed number of tags: one per layer and metric, not per head
+    history = np.load(f"{log_dir}/heatmaps/attention_max_logit/layer_x_step.npz")
+    assert history["steps"].tolist() == sorted(ref.values)
+    np.testing.assert_allclose(history["values"][:, -1], ref.values[last][0].max(axis=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize(("family", "implementation", "labels"), [
+    ("llama", "eager", ["0", "1"]),
+    ("llama", "sdpa", ["0", "1"]),
+    ("gpt2", "sdpa", ["0", "1"]),
+    ("gemma2", "eager", ["0", "1"]),
+    ("bert", "sdpa", ["0", "1"]),
+    ("bart", "sdpa", ["enc.0", "enc.1", "dec.0", "dec_xattn.0", "dec.1", "dec_xattn.1"]),
+])
+def test_matches_reference_from_model_pieces(tmp_path, family, implementation, labels):
+    torch.manual_seed(0)
+    model = FAMILIES[family](implementation)
+    trainer, callback, ref = run(tmp_path, model, padded_loader())
+    assert sorted(ref.values) == [0, 2]
+    check_against_reference(trainer, callback, ref, labels)
+    assert model.config._attn_implementation == implementation  # restored: the model computes as it did
+
+
+# --- plain models: a scaled_dot_product_attention call, nn.MultiheadAttention ---------------------------
+
+
+class SdpaBlock(nn.Module):
+    def __init__(self, width=16, num_heads=4):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x):
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.out(y.transpose(1, 2).reshape(batch, length, width))
+
+
+class PlainModel(L.LightningModule):
+    def __init__(self, block=SdpaBlock, checkpointing=False):
+        super().__init__()
+        self.blocks = nn.ModuleList([block(), block()])
+        self.checkpointing = checkpointing
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if self.checkpointing else block(x)
+        return x
+
+    def training_step(self, batch, batch_idx):
+        return self(batch).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class PlainReference(Callback):
+    """q and k from each block's own qkv projection, by torch ops: causal max logit and softmax entropy."""
+
+    def __init__(self):
+        self.values = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step % 2:
+            return
+        captured = []
+        handles = [b.qkv.register_forward_hook(lambda m, a, o: captured.append(o.detach())) for b in pl_module.blocks]
+        with torch.no_grad():
+            pl_module(batch)
+        for handle in handles:
+            handle.remove()
+        maxima, entropies = [], []
+        for out in captured:
+            batch_size, length, _ = out.shape
+            q, k, _ = out.view(batch_size, length, 3, 4, -1).permute(2, 0, 3, 1, 4)
+            logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            causal = torch.ones(length, length, dtype=torch.bool).tril()
+            logits = logits.masked_fill(~causal, -math.inf)
+            p = logits.softmax(-1)
+            maxima.append(logits.amax(dim=(0, 2, 3)))
+            entropies.append(-(p * torch.where(p > 0, p.log(), 0.0)).sum(-1).mean(dim=(0, 2)))
+        self.values[trainer.global_step] = (torch.stack(maxima).numpy(), torch.stack(entropies).numpy())
+
+
+def _latest(trainer, metric):
+    return np.load(f"{trainer.logger.log_dir}/heatmaps/attention_{metric}/layer_x_head.npz")["values"]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_plain_sdpa_model_matches_reference_and_checkpointing_is_not_seen(tmp_path, checkpointing):
+    torch.manual_seed(0)
+    model = PlainModel(checkpointing=checkpointing)
+    seen = []
+    callback = AttentionHeatmap(every_n_steps=2, min_render_interval_seconds=0)
+    callback.add_sample_listener(seen.append)
+    reference = PlainReference()
+    trainer = make_trainer(tmp_path, [reference, callback], max_steps=3)
+    trainer.fit(model, torch.utils.data.DataLoader(torch.randn(12, 6, 16), batch_size=4))
+    expected_top, expected_entropy = reference.values[2]
+    np.testing.assert_allclose(_latest(trainer, "max_logit"), expected_top, rtol=1e-5)
+    np.testing.assert_allclose(_latest(trainer, "entropy"), expected_entropy, rtol=1e-5)
+    assert [sample.step for sample in seen] == [0, 2]
+
+
+def test_recomputed_forward_during_backward_sees_no_taps(tmp_path):
+    """Activation checkpointing re-runs the forward during backward: the taps are gone by then."""
+    torch.manual_seed(0)
+    model = FAMILIES["llama"]("sdpa")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    during_backward = []
+
+    class InBackward(Callback):
+        inside = False
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            InBackward.inside = True
+
+        def on_after_backward(self, trainer, pl_module):
+            InBackward.inside = False
+
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_pre_hook(
+            lambda m, a: during_backward.append(model.config._attn_implementation) if InBackward.inside else None)
+    trainer, callback, ref = run(tmp_path, model, padded_loader(), extra=[InBackward()])
+    check_against_reference(trainer, callback, ref, ["0", "1"])
+    assert during_backward and set(during_backward) == {"sdpa"}  # recomputed with the model's own implementation
+
+
+class MultiheadModel(L.LightningModule):
+    """nn.TransformerEncoder (nn.MultiheadAttention inside) on padded vectors."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
+                                             num_layers=2, enable_nested_tensor=False)
+
+    def training_step(self, batch, batch_idx):
+        x, padding = batch
+        return self.encoder(x, src_key_padding_mask=padding).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_multihead_attention_with_padding_matches_its_own_weights(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(8, 7, 16)
+    padding = torch.zeros(8, 7, dtype=torch.bool)
+    padding[::2, 5:] = True
+    model = MultiheadModel()
+    values = {}
+
+    class Reference(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step % 2:
+                return
+            x, pad = batch
+            maxima, entropies = [], []
+            h = x
+            with torch.no_grad():
+                for layer in pl_module.encoder.layers:
+                    attention = layer.self_attn
+                    _, p = attention(h, h, h, key_padding_mask=pad, need_weights=True, average_attn_weights=False)
+                    w, b = attention.in_proj_weight, attention.in_proj_bias
+                    q = (h @ w[:16].T + b[:16]).view(8, 7, 2, 8).transpose(1, 2)
+                    k = (h @ w[16:32].T + b[16:32]).view(8, 7, 2, 8).transpose(1, 2)
+                    logits = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+                    keep = ~pad[:, None, :, None] & ~pad[:, None, None, :]
+                    maxima.append(logits.masked_fill(~keep, -math.inf).amax(dim=(0, 2, 3)))
+                    entropy = -(p * torch.where(p > 0, p.log(), 0.0)).sum(-1)
+                    rows = (~pad)[:, None, :].float()
+                    entropies.append((entropy * rows).sum(dim=(0, 2)) / rows.sum(dim=(0, 2)))
+                    h = layer(h, src_key_padding_mask=pad)
+            values[trainer.global_step] = (torch.stack(maxima).numpy(), torch.stack(entropies).numpy())
+
+    callback = AttentionHeatmap(every_n_steps=2, min_render_interval_seconds=0)
+    trainer = make_trainer(tmp_path, [Reference(), callback], max_steps=3)
+    trainer.fit(model, torch.utils.data.DataLoader(list(zip(x, padding)), batch_size=8))
+    np.testing.assert_allclose(_latest(trainer, "max_logit"), values[2][0], rtol=1e-5)
+    np.testing.assert_allclose(_latest(trainer, "entropy"), values[2][1], rtol=1e-5)
+
+
+# --- errors, NaN, the pure function ----------------------------------------------------------------------
+
+
+def test_no_attention_is_a_clear_error_at_fit_start(tmp_path):
+    class MLP(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+
+        def training_step(self, batch, batch_idx):
+            return self.blocks(batch).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = make_trainer(tmp_path, [AttentionHeatmap(every_n_steps=1)], max_steps=1)
+    with pytest.raises(ValueError, match="found no attention it can see in MLP: it looks for Hugging Face"):
+        trainer.fit(MLP(), torch.utils.data.DataLoader(torch.randn(4, 16), batch_size=4))
+
+    class Silent(nn.Module):  # says it has heads, but calls no attention function
+        num_heads = 2
+
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.linear(x)
+
+    trainer = make_trainer(tmp_path, [AttentionHeatmap(every_n_steps=1)], max_steps=1)
+    with pytest.raises(RuntimeError, match="saw no attention in the training forward of step 0: it looked for calls "
+                                           "of torch.nn.functional.scaled_dot_product_attention inside the blocks"):
+        trainer.fit(PlainModel(block=Silent), torch.utils.data.DataLoader(torch.randn(4, 6, 16), batch_size=4))
+
+    bloom = T.BloomForCausalLM(T.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=VOCAB))  # ALiBi, own code
+    trainer = make_trainer(tmp_path, [AttentionHeatmap(every_n_steps=1)], max_steps=1)
+    with pytest.raises(RuntimeError, match="looked for calls of the attention function registered in transformers' "
+                                           "AttentionInterface .models whose attention does not go through it, e.g. BLOOM"):
+        trainer.fit(PaddedModel(bloom), padded_loader())
+
+
+def test_unmeasured_implementation_and_bad_arguments_are_refused(tmp_path):
+    model = FAMILIES["llama"]("flex_attention")
+    trainer = make_trainer(tmp_path, [AttentionHeatmap(every_n_steps=1)], max_steps=1)
+    with pytest.raises(ValueError, match="does not measure attn_implementation='flex_attention' of LlamaForCausalLM.*Supported: eager, sdpa"):
+        trainer.fit(PaddedModel(model), padded_loader())
+    with pytest.raises(ValueError, match=r"Invalid value for query_stride=0: must be an integer >= 1"):
+        AttentionHeatmap(query_stride=0)
+    with pytest.raises(ValueError, match=r"Invalid value for metrics='logit'"):
+        AttentionHeatmap(metrics="logit")
+
+
+def test_nan_logits_make_the_cell_nan_warn_once_and_training_goes_on(tmp_path):
+    torch.manual_seed(0)
+    model = FAMILIES["llama"]("sdpa")
+
+    def poison(module, args, output):  # head 1 of layer 1's queries become NaN at the first step
+        if poison.armed:
+            output = output.clone()
+            output[..., 8:16] = math.nan
+            poison.armed = False
+            return output
+
+    poison.armed = True
+    model.model.layers[1].self_attn.q_proj.register_forward_hook(poison)
+    callback = AttentionHeatmap(every_n_steps=1, min_render_interval_seconds=0)
+    trainer = make_trainer(tmp_path, [callback], max_steps=2)
+    with pytest.warns(UserWarning, match="attention_max_logit is NaN or infinite at step 0") as record:
+        trainer.fit(PaddedModel(model), padded_loader())
+    assert trainer.global_step == 2
+    steps, history = callback.sample_history("attention_max_logit")
+    assert steps.tolist() == [0, 1]
+    first = history[0]
+    assert np.isnan(first[1, 1]) and np.isfinite(first[0, :4]).all() and np.isfinite(first[1, [0, 2, 3]]).all()
+    assert np.isnan(first[1, -1])  # the layer's max over heads shows it
+    _, entropy = callback.sample_history("attention_entropy")
+    assert np.isnan(entropy[0, 1, 1]) and np.isfinite(entropy[0, 0, :4]).all()
+    assert sum("attention_max_logit is NaN" in str(w.message) for w in record) == 1
+
+
+def test_attention_statistics_chunks_strides_and_gqa_against_direct_computation():
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 9, 8, generator=generator)
+    k = torch.randn(2, 2, 9, 8, generator=generator)
+    window = 3
+    pos = torch.arange(9)
+    allowed = (pos[None] <= pos[:, None]) & (pos[None] > pos[:, None] - window)
+    logits = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.3
+    capped = 2.0 * torch.tanh(logits / 2.0)
+    p = capped.masked_fill(~allowed, -math.inf).softmax(-1)
+    entropy = -(p * torch.where(p > 0, p.log(), 0.0)).sum(-1)
+    for chunk_bytes in (1, 10**9):  # one row per chunk, and all rows at once
+        top, total, rows = attention_statistics(q, k, 0.3, None, causal=True, sliding_window=window, softcap=2.0,
+                                                chunk_bytes=chunk_bytes)
+        np.testing.assert_allclose(top, logits.masked_fill(~allowed, -math.inf).amax(dim=(0, 2, 3)), rtol=1e-6)
+        np.testing.assert_allclose(total / rows, entropy.mean(dim=(0, 2)), rtol=1e-5)
+    additive = torch.zeros(9, 9).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    top, total, rows = attention_statistics(q, k, 0.3, additive, softcap=2.0, query_stride=4)
+    strided = logits[:, :, ::4].masked_fill(~allowed[::4], -math.inf)
+    np.testing.assert_allclose(top, strided.amax(dim=(0, 2, 3)), rtol=1e-6)  # rows 0, 4, 8 only: a lower bound
+    np.testing.assert_allclose(total / rows, entropy[:, :, ::4].mean(dim=(0, 2)), rtol=1e-5)
+    assert (top <= logits.masked_fill(~allowed, -math.inf).amax(dim=(0, 2, 3))).all()
+    assert allowed_keys(additive).equal(allowed)
+
+
+# --- DDP and FSDP2: every rank measures its rows, one collective pools them -------------------------------
+
+SCRIPT = Path(__file__).with_name("attention_script.py")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_distributed_runs_equal_one_process(tmp_path_factory, mode):
+    root = tmp_path_factory.getbasetemp() / "attention_distributed"
+    results = {}
+    for run_mode in ("single", mode):
+        log_root = root / run_mode
+        if not log_root.exists():
+            result = subprocess.run([sys.executable, str(SCRIPT), str(root), run_mode], capture_output=True, text=True,
+                                    timeout=240)
+            assert result.returncode == 0, result.stderr[-4000:]
+        (log_dir,) = {p.parent for p in log_root.rglob("events.out.tfevents.*")}
+        assert len(list(log_dir.glob("events.out.tfevents.*"))) == 1  # rank zero writes alone
+        events = read_events(str(log_dir))
+        results[run_mode] = ({tag: scalar_series(events, tag) for tag in events.Tags()["scalars"]
+                              if tag.startswith(("attention_", "output_logits/"))}, log_dir)
+    (expected, single_dir), (actual, sharded_dir) = results["single"], results[mode]
+    assert len(expected) == 2 * 2 + 2 and sorted(actual) == sorted(expected)
+    for tag, series in expected.items():
+        assert sorted(actual[tag]) == [0, 1, 2]
+        for step, value in series.items():
+            assert math.isfinite(value) and actual[tag][step] == pytest.approx(value, rel=1e-5, abs=1e-6), (tag, step)
+    for metric in ("max_logit", "entropy"):
+        one = np.load(single_dir / f"heatmaps/attention_{metric}/layer_x_head.npz")["values"]
+        two = np.load(sharded_dir / f"heatmaps/attention_{metric}/layer_x_head.npz")["values"]
+        np.testing.assert_allclose(two, one, rtol=1e-5)
+
+
+def test_nothing_is_installed_on_unsampled_steps(tmp_path):
+    """The model runs its own attention function on unsampled steps and the wrapped one on sampled steps only."""
+    torch.manual_seed(0)
+    model = FAMILIES["llama"]("sdpa")
+    seen: dict[int, set] = {}
+
+    class Step(Callback):
+        step = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            Step.step = trainer.global_step
+
+    model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda m, a: seen.setdefault(Step.step, set()).add(model.config._attn_implementation))
+    callback = AttentionHeatmap(every_n_steps=3, min_render_interval_seconds=0)
+    trainer = make_trainer(tmp_path, [Step(), callback], max_steps=5)
+    trainer.fit(PaddedModel(model), padded_loader(batches=5))
+    assert {step: sorted(names) for step, names in seen.items()} == {
+        0: ["lightning_heatmaps_sdpa"], 1: ["sdpa"], 2: ["sdpa"], 3: ["lightning_heatmaps_sdpa"], 4: ["sdpa"]}
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_two_instances_on_one_model_both_equal_the_reference(tmp_path):
+    torch.manual_seed(0)
+    model = FAMILIES["llama"]("eager")
+    other = AttentionHeatmap(metrics="entropy", every_n_steps=2, name="second", min_render_interval_seconds=0)
+    trainer, callback, ref = run(tmp_path, model, padded_loader(), extra=[other])
+    check_against_reference(trainer, callback, ref, ["0", "1"])
+    steps, values = other.sample_history("second/attention_entropy")
+    assert steps.tolist() == [0, 2]
+    np.testing.assert_allclose(values[-1, :, :-1], ref.values[2][1], rtol=1e-5)
+    assert model.config._attn_implementation == "eager"  # the second instance did not wrap the first's wrapper
