@@ -60,6 +60,14 @@ def test_plain_loop_ddp_two_processes_equals_one(tmp_path, lightning_run):
     _assert_same_heatmaps(lightning_run, _run(tmp_path, "loop_ddp"), rel=2e-4)
 
 
+def test_fabric_equals_lightning(tmp_path, lightning_run):
+    _assert_same_heatmaps(lightning_run, _run(tmp_path, "fabric"), rel=1e-6)
+
+
+def test_fabric_ddp_two_processes_equals_lightning(tmp_path, lightning_run):
+    _assert_same_heatmaps(lightning_run, _run(tmp_path, "fabric_ddp"), rel=2e-4)
+
+
 def test_core_imports_neither_lightning_nor_transformers():
     code = ("import sys, lightning_heatmaps.core, lightning_heatmaps.loop; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'lightning_fabric', "

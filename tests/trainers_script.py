@@ -1,6 +1,6 @@
 """Run by tests/test_trainers.py in a subprocess: the same tiny Llama, data and seed under each trainer.
 
-    python tests/trainers_script.py OUT_DIR lightning|loop|loop_ddp|hf [plain|clip|accumulation|peft]
+    python tests/trainers_script.py OUT_DIR lightning|loop|loop_ddp|fabric|fabric_ddp|hf [plain|clip|accumulation|peft]
 
 Global batch b = rows 4b .. 4b+3 of DATA; one process takes all 4, rank r of 2 takes rows 4b+r and 4b+r+2.
 Every run: AdamW(lr=1e-2), 5 optimizer steps, ActivationHeatmap/Monitor (rms) and GradientHeatmap/Monitor
@@ -79,6 +79,33 @@ def run_loop(out_dir: str, rank: int = 0, world: int = 1) -> None:
     monitor.close()
 
 
+def run_fabric(out_dir: str, world: int = 1) -> None:
+    import datetime
+
+    import lightning as L
+    from lightning.fabric.loggers import TensorBoardLogger
+    from lightning.fabric.strategies import DDPStrategy
+
+    from lightning_heatmaps.fabric import ActivationHeatmap, GradientHeatmap
+
+    callbacks = [ActivationHeatmap(every_n_steps=EVERY, min_render_interval_seconds=0),
+                 GradientHeatmap(metrics=GRADIENT_METRICS, every_n_steps=EVERY, min_render_interval_seconds=0)]
+    strategy = DDPStrategy(timeout=datetime.timedelta(seconds=60)) if world > 1 else "auto"
+    fabric = L.Fabric(accelerator="cpu", devices=world, strategy=strategy, callbacks=callbacks,
+                      loggers=TensorBoardLogger(out_dir))
+    fabric.launch()
+    model, optimizer = model_and_optimizer()
+    model, optimizer = fabric.setup(model, optimizer)
+    for batch in loader(fabric.global_rank, world):
+        fabric.call("on_train_batch_start")
+        loss = model(input_ids=batch, labels=batch).loss
+        fabric.backward(loss)
+        fabric.call("on_before_optimizer_step")
+        optimizer.step()
+        optimizer.zero_grad()
+    fabric.call("on_train_end")
+
+
 def _ddp_worker(rank: int, out_dir: str, mode: str, port: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE="2")
     import datetime
@@ -140,7 +167,8 @@ def main() -> None:
     elif mode.startswith("hf"):
         run_hf(out_dir, sys.argv[3] if len(sys.argv) > 3 else "plain")
     else:
-        {"lightning": run_lightning, "loop": run_loop}[mode](out_dir)
+        {"lightning": run_lightning, "loop": run_loop, "fabric": run_fabric,
+         "fabric_ddp": lambda directory: run_fabric(directory, 2)}[mode](out_dir)
 
 
 if __name__ == "__main__":
