@@ -144,6 +144,8 @@ class _TrainerAdapter(HeatmapMonitor, TrainerCallback):
         """Refuse a Trainer setting this monitor cannot measure correctly."""
 
     def _read_before_clipping(self) -> None:
+        if self._sample_step is None:
+            return  # not a sampled step: no read, and no host sync for the scale
         scaler = getattr(self._trainer.accelerator, "scaler", None)
         # At the entry of clip_grad_norm_, fp16 gradients still carry the loss scale (it unscales inside).
         self.before_optimizer_step(scaler.get_scale() if scaler is not None and scaler.is_enabled() else None)

@@ -1,4 +1,5 @@
-"""The same heatmaps under every trainer: Lightning, a plain loop (one process and DDP), read back from event files."""
+"""The same heatmaps under every trainer: Lightning, a plain loop, Fabric and the Hugging Face Trainer (one process
+and DDP), read back from event files."""
 
 import glob
 import os
@@ -14,7 +15,10 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "trainers_script.py")
 
 def _run(out_dir, mode, *extra, timeout=240, command=None):
     command = command or [sys.executable, SCRIPT]
-    result = subprocess.run([*command, str(out_dir), mode, *extra], capture_output=True, text=True, timeout=timeout)
+    # A hang (a collective only some ranks join) ends with every thread's traceback instead of the timeout alone.
+    env = {**os.environ, "TRAINERS_SCRIPT_TRACEBACK_AFTER": str(timeout - 60)}
+    result = subprocess.run([*command, str(out_dir), mode, *extra], capture_output=True, text=True, timeout=timeout,
+                            env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     (directory,) = sorted({os.path.dirname(p) for p in glob.glob(f"{out_dir}/**/events.out.tfevents.*", recursive=True)})
     return directory
@@ -79,12 +83,32 @@ def test_core_imports_neither_lightning_nor_transformers():
 # --- Hugging Face Trainer ---------------------------------------------------------------------------------------
 
 
-def test_hf_trainer_equals_lightning_one_writer_per_directory(tmp_path, lightning_run):
-    directory = _run(tmp_path, "hf")
+@pytest.fixture(scope="module")
+def hf_run(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("hf"), "hf")
+
+
+def test_hf_trainer_equals_lightning_one_writer_per_directory(hf_run, lightning_run):
+    directory = hf_run
     assert len(glob.glob(f"{directory}/events.out.tfevents.*")) == 1  # the TensorBoardCallback's writer, reused
     events = read_events(directory)
     assert sorted(scalar_series(events, "train/loss")) == [1, 2, 3, 4, 5]  # aligned with the Trainer's own scalars
     _assert_same_heatmaps(lightning_run, directory, rel=1e-5, shift=1)
+
+
+def test_hf_ddp_two_processes_equals_one(tmp_path, lightning_run, hf_run):
+    """torchrun, 2 gloo ranks, each half of the same global batch (accelerate splits the iterable's batches)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT]
+    directory = _run(tmp_path, "hf", command=torchrun)
+    assert len(glob.glob(f"{directory}/events.out.tfevents.*")) == 1  # rank zero writes, through the callback's writer
+    _assert_same_heatmaps(lightning_run, directory, rel=2e-4, shift=1)
+    one, two = read_events(hf_run), read_events(directory)  # and every step (1..5) equals the one-process run's
+    tags = [t for t in one.Tags()["scalars"] if t.split("/")[0] in METRICS]
+    assert tags and sorted(t for t in two.Tags()["scalars"] if t.split("/")[0] in METRICS) == sorted(tags)
+    for tag in tags:
+        want, got = scalar_series(one, tag), scalar_series(two, tag)
+        assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5], tag
+        assert [got[step] for step in want] == pytest.approx([want[step] for step in want], rel=2e-4), tag
 
 
 def test_hf_gradients_are_read_before_clipping(tmp_path):

@@ -143,7 +143,7 @@ def run_hf(out_dir: str, variant: str) -> None:
         max_steps=STEPS, logging_steps=1,
         per_device_train_batch_size=4 // world // accumulation, gradient_accumulation_steps=accumulation,
         max_grad_norm=1e-5 if variant == "clip" else 0.0, save_strategy="no", disable_tqdm=True,
-        ddp_backend="gloo" if world > 1 else None, seed=0, data_seed=0,
+        ddp_backend="gloo" if world > 1 else None, ddp_timeout=60, seed=0, data_seed=0,
     )
     os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(out_dir, "run")  # transformers 5: the TensorBoard run
     callbacks = [ActivationHeatmap(every_n_steps=1, min_render_interval_seconds=0),
@@ -157,6 +157,10 @@ def run_hf(out_dir: str, variant: str) -> None:
 
 def main() -> None:
     out_dir, mode = sys.argv[1], sys.argv[2]
+    if os.environ.get("TRAINERS_SCRIPT_TRACEBACK_AFTER"):  # a hang shows where every rank waits
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["TRAINERS_SCRIPT_TRACEBACK_AFTER"]), exit=True)
     if mode == "loop_ddp":
         import socket
 

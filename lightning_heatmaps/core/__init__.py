@@ -6,6 +6,7 @@ Adapters translate a trainer's hooks into a monitor's events: :mod:`lightning_he
 """
 
 from lightning_heatmaps.core.activation import ActivationMonitor
+from lightning_heatmaps.core.attention import AttentionMonitor
 from lightning_heatmaps.core.context import RunContext
 from lightning_heatmaps.core.expert import ExpertMonitor, resolve_experts
 from lightning_heatmaps.core.gradient import GradientMonitor
@@ -13,6 +14,7 @@ from lightning_heatmaps.core.monitor import CollectiveContributor, HeatmapMonito
 
 __all__ = [
     "ActivationMonitor",
+    "AttentionMonitor",
     "CollectiveContributor",
     "ExpertMonitor",
     "GradientMonitor",
