@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import read_events, scalar_series
@@ -53,7 +54,23 @@ def _assert_same_heatmaps(expected_dir, actual_dir, rel, shift=0):
         assert a["steps"].tolist() == [0, 2, 4]
         assert b["steps"].tolist() == ([0, 2, 4] if not shift else [1, 2, 3, 4, 5])
         np.testing.assert_allclose(b["values"][:, ::2] if shift else b["values"], a["values"], rtol=rel)
-    assert set(actual.Tags()["images"]) == set(expected.Tags()["images"])
+    images = {t for t in expected.Tags()["images"] if "attention" not in t}  # only Lightning and Fabric runs have it
+    assert images and {t for t in actual.Tags()["images"] if "attention" not in t} == images
+
+
+def _assert_same_attention(expected_dir, actual_dir, rel):
+    expected, actual = read_events(expected_dir), read_events(actual_dir)
+    tags = [t for t in expected.Tags()["scalars"] if t.startswith(("attention_", "output_logits/"))]
+    assert len(tags) == 2 * 2 + 2  # (max_logit, entropy) x 2 layers (pooled over heads), log Z mean and max |logit|
+    assert sorted(t for t in actual.Tags()["scalars"] if t.startswith(("attention_", "output_logits/"))) == sorted(tags)
+    for tag in tags:
+        want, got = scalar_series(expected, tag), scalar_series(actual, tag)
+        assert sorted(got) == sorted(want) == [0, 2, 4], tag
+        assert [got[step] for step in want] == pytest.approx([want[step] for step in want], rel=rel), tag
+    for metric in ("attention_max_logit", "attention_entropy"):
+        a = np.load(f"{expected_dir}/heatmaps/{metric}/layer_x_head.npz")
+        b = np.load(f"{actual_dir}/heatmaps/{metric}/layer_x_head.npz")
+        np.testing.assert_allclose(b["values"], a["values"], rtol=rel)
 
 
 def test_plain_loop_equals_lightning(tmp_path, lightning_run):
@@ -65,11 +82,15 @@ def test_plain_loop_ddp_two_processes_equals_one(tmp_path, lightning_run):
 
 
 def test_fabric_equals_lightning(tmp_path, lightning_run):
-    _assert_same_heatmaps(lightning_run, _run(tmp_path, "fabric"), rel=1e-6)
+    directory = _run(tmp_path, "fabric")
+    _assert_same_heatmaps(lightning_run, directory, rel=1e-6)
+    _assert_same_attention(lightning_run, directory, rel=1e-6)
 
 
 def test_fabric_ddp_two_processes_equals_lightning(tmp_path, lightning_run):
-    _assert_same_heatmaps(lightning_run, _run(tmp_path, "fabric_ddp"), rel=2e-4)
+    directory = _run(tmp_path, "fabric_ddp")
+    _assert_same_heatmaps(lightning_run, directory, rel=2e-4)
+    _assert_same_attention(lightning_run, directory, rel=2e-4)
 
 
 def test_core_imports_neither_lightning_nor_transformers():

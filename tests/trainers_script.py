@@ -4,7 +4,7 @@
 
 Global batch b = rows 4b .. 4b+3 of DATA; one process takes all 4, rank r of 2 takes rows 4b+r and 4b+r+2.
 Every run: AdamW(lr=1e-2), 5 optimizer steps, ActivationHeatmap/Monitor (rms) and GradientHeatmap/Monitor
-(grad_norm, update_ratio) every 2 steps. Scalars go to the TensorBoard run under OUT_DIR.
+(grad_norm, update_ratio) every 2 steps; Lightning and Fabric also AttentionHeatmap. Scalars go to the TensorBoard run under OUT_DIR.
 """
 
 import os
@@ -40,7 +40,7 @@ def model_and_optimizer():
 def run_lightning(out_dir: str) -> None:
     import lightning as L
 
-    from lightning_heatmaps import ActivationHeatmap, GradientHeatmap
+    from lightning_heatmaps import ActivationHeatmap, AttentionHeatmap, GradientHeatmap
 
     from conftest import TokenModel
 
@@ -54,7 +54,8 @@ def run_lightning(out_dir: str) -> None:
         default_root_dir=out_dir, max_steps=STEPS, accelerator="cpu", devices=1, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
         callbacks=[ActivationHeatmap(every_n_steps=EVERY, min_render_interval_seconds=0),
-                   GradientHeatmap(metrics=GRADIENT_METRICS, every_n_steps=EVERY, min_render_interval_seconds=0)],
+                   GradientHeatmap(metrics=GRADIENT_METRICS, every_n_steps=EVERY, min_render_interval_seconds=0),
+                   AttentionHeatmap(every_n_steps=EVERY, min_render_interval_seconds=0)],
     )
     trainer.fit(model, loader(0, 1))
 
@@ -86,10 +87,11 @@ def run_fabric(out_dir: str, world: int = 1) -> None:
     from lightning.fabric.loggers import TensorBoardLogger
     from lightning.fabric.strategies import DDPStrategy
 
-    from lightning_heatmaps.fabric import ActivationHeatmap, GradientHeatmap
+    from lightning_heatmaps.fabric import ActivationHeatmap, AttentionHeatmap, GradientHeatmap
 
     callbacks = [ActivationHeatmap(every_n_steps=EVERY, min_render_interval_seconds=0),
-                 GradientHeatmap(metrics=GRADIENT_METRICS, every_n_steps=EVERY, min_render_interval_seconds=0)]
+                 GradientHeatmap(metrics=GRADIENT_METRICS, every_n_steps=EVERY, min_render_interval_seconds=0),
+                 AttentionHeatmap(every_n_steps=EVERY, min_render_interval_seconds=0)]
     strategy = DDPStrategy(timeout=datetime.timedelta(seconds=60)) if world > 1 else "auto"
     fabric = L.Fabric(accelerator="cpu", devices=world, strategy=strategy, callbacks=callbacks,
                       loggers=TensorBoardLogger(out_dir))
