@@ -166,3 +166,59 @@ def test_hf_peft_lora_adapters_monitored_frozen_base_shown_frozen(tmp_path):
     print(grads, {k: saved[k] for k in saved.files})
     assert any(t.endswith("attn.q") for t in grads) and any(t.endswith("attn.v") for t in grads)
     assert not any(t.endswith(("attn.k", "mlp.up")) for t in grads)  # frozen: no scalar, never a 0
+
+
+# --- Lightning Fabric: resume and misuse, in this process (one device) --------------------------------------------
+
+
+def _fabric_steps(root, model, optimizer, callbacks, batches):
+    import lightning as L
+    from lightning.fabric.loggers import TensorBoardLogger
+
+    fabric = L.Fabric(accelerator="cpu", devices=1, callbacks=callbacks, loggers=TensorBoardLogger(str(root)))
+    wrapped, wrapped_optimizer = fabric.setup(model, optimizer)
+    for batch in batches:
+        fabric.call("on_train_batch_start")
+        fabric.backward(wrapped(input_ids=batch, labels=batch).loss)
+        fabric.call("on_before_optimizer_step")
+        wrapped_optimizer.step()
+        wrapped_optimizer.zero_grad()
+    fabric.call("on_train_end")
+    return fabric.logger.log_dir
+
+
+def test_fabric_state_dict_resumes_the_history_and_the_step_count(tmp_path):
+    """3 steps, state_dict, a new Fabric and callback loading it, 2 more steps: the history equals 5 steps at once."""
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import trainers_script
+    from lightning_heatmaps.fabric import GradientHeatmap
+
+    batches = list(trainers_script.loader(0, 1))
+
+    def callback():
+        return GradientHeatmap(metrics="grad_norm", every_n_steps=2, min_render_interval_seconds=0)
+
+    model, optimizer = trainers_script.model_and_optimizer()
+    whole = _fabric_steps(tmp_path / "whole", model, optimizer, [callback()], batches)
+    model, optimizer = trainers_script.model_and_optimizer()
+    first = callback()
+    _fabric_steps(tmp_path / "first", model, optimizer, [first], batches[:3])
+    state = first.state_dict()
+    assert state["global_step"] == 3
+    second = callback()
+    second.load_state_dict(state)
+    resumed = _fabric_steps(tmp_path / "second", model, optimizer, [second], batches[3:])
+    assert sorted(scalar_series(read_events(resumed), "grad_norm/layer_1/all")) == [4]  # step numbers go on
+    a = np.load(f"{whole}/heatmaps/grad_norm/layer_x_step.npz")
+    b = np.load(f"{resumed}/heatmaps/grad_norm/layer_x_step.npz")
+    assert a["steps"].tolist() == b["steps"].tolist() == [0, 2, 4]
+    np.testing.assert_allclose(b["values"], a["values"], rtol=1e-6)
+
+
+def test_fabric_misuse_is_refused_with_a_message():
+    from lightning_heatmaps.fabric import ActivationHeatmap
+
+    with pytest.raises(ValueError, match="start_step=-1"):
+        ActivationHeatmap(start_step=-1)
+    with pytest.raises(RuntimeError, match=r"is not attached: call fabric.setup\(model, optimizer\)"):
+        ActivationHeatmap().on_train_batch_start()
