@@ -42,7 +42,7 @@ class Monitor:
     Args:
         model: the model, final (wrapped in DDP or sharded already).
         monitors: core monitors (:class:`~lightning_heatmaps.core.ActivationMonitor`, ``GradientMonitor``,
-            ``ExpertMonitor``), each built with the same arguments as its Lightning callback.
+            ``ExpertMonitor``, ``AttentionMonitor``), each built with the same arguments as its Lightning callback.
         log_dir: the TensorBoard run directory (heatmap files under ``<log_dir>/heatmaps``).
         writer: a ``SummaryWriter`` of yours already writing into ``log_dir``, reused (one writer per directory).
         every_n_steps: the sample period of monitors built with ``every_n_steps=None`` (default 50).
@@ -74,7 +74,7 @@ class Monitor:
         if not monitors or not all(isinstance(monitor, HeatmapMonitor) for monitor in monitors):
             raise ValueError(
                 f"Invalid value for monitors={monitors!r}: must be one or more core monitors "
-                "(lightning_heatmaps.core.ActivationMonitor, GradientMonitor, ExpertMonitor)."
+                "(lightning_heatmaps.core.ActivationMonitor, GradientMonitor, ExpertMonitor, AttentionMonitor)."
             )
         seen: dict[str, HeatmapMonitor] = {}
         for monitor in monitors:
