@@ -1,6 +1,6 @@
 """Heatmaps under the Hugging Face ``transformers.Trainer`` (and trainers built on it, e.g. ``trl``'s).
 
-``ActivationHeatmap``, ``GradientHeatmap`` and ``ExpertHeatmap`` here are ``TrainerCallback``s with the same
+``ActivationHeatmap``, ``GradientHeatmap``, ``ExpertHeatmap`` and ``AttentionHeatmap`` here are ``TrainerCallback``s with the same
 arguments as the Lightning callbacks, over the same core monitors::
 
     from lightning_heatmaps.hf import ActivationHeatmap, GradientHeatmap
@@ -22,8 +22,9 @@ How the Trainer's events map onto the core (transformers >= 4.46, the first with
 - **Outputs.** Rank zero writes into the run of the Trainer's ``TensorBoardCallback`` (``report_to`` includes
   ``tensorboard``) through its own ``SummaryWriter``, never a second writer on its directory; without it, into
   ``<output_dir>/heatmaps``. All ranks measure and join the collectives (DDP).
-- **Refused:** DeepSpeed and FSDP (one process and DDP are supported); ``ActivationHeatmap`` with
-  ``gradient_checkpointing`` (the Trainer has no hook before backward, so re-run forwards would count twice).
+- **Refused:** DeepSpeed and FSDP (one process and DDP are supported); ``ActivationHeatmap`` and
+  ``AttentionHeatmap`` with ``gradient_checkpointing`` (the Trainer has no hook before backward, so re-run
+  forwards would count twice).
 
 The Trainer is found at ``on_train_begin`` as the ``Trainer`` whose method called the hook (the callback keeps
 no reference before); checkpoint state of the histories is not saved with the Trainer's checkpoints.
@@ -40,6 +41,7 @@ from typing import Any
 from packaging.version import Version
 
 from lightning_heatmaps.core.activation import ActivationMonitor
+from lightning_heatmaps.core.attention import AttentionMonitor
 from lightning_heatmaps.core.context import RunContext
 from lightning_heatmaps.core.expert import ExpertMonitor
 from lightning_heatmaps.core.gradient import GradientMonitor
@@ -60,7 +62,7 @@ if _installed is None or Version(_installed) < Version(TRANSFORMERS_FLOOR):
 
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
-__all__ = ["ActivationHeatmap", "ExpertHeatmap", "GradientHeatmap", "TRANSFORMERS_FLOOR"]
+__all__ = ["ActivationHeatmap", "AttentionHeatmap", "ExpertHeatmap", "GradientHeatmap", "TRANSFORMERS_FLOOR"]
 
 # accelerator id -> (the original bound clip_grad_norm_, the callbacks reading at its entry)
 _CLIP_READERS: dict[int, tuple[Any, list[_TrainerAdapter]]] = {}
@@ -185,6 +187,14 @@ class _TrainerAdapter(HeatmapMonitor, TrainerCallback):
             self._trainer = None
 
 
+def _refuse_gradient_checkpointing(callback: HeatmapMonitor, args: Any) -> None:
+    if getattr(args, "gradient_checkpointing", False):
+        raise RuntimeError(
+            f"{type(callback).__name__} (lightning_heatmaps.hf) does not support gradient_checkpointing=True: the "
+            "Trainer offers no hook before backward, so forwards re-run during backward would be counted twice."
+        )
+
+
 class ActivationHeatmap(ActivationMonitor, _TrainerAdapter):
     """:class:`lightning_heatmaps.ActivationHeatmap` for the Hugging Face ``Trainer`` (same arguments).
 
@@ -193,11 +203,7 @@ class ActivationHeatmap(ActivationMonitor, _TrainerAdapter):
     """
 
     def _check_trainer(self, args: Any) -> None:
-        if getattr(args, "gradient_checkpointing", False):
-            raise RuntimeError(
-                "ActivationHeatmap (lightning_heatmaps.hf) does not support gradient_checkpointing=True: the Trainer "
-                "offers no hook before backward, so forwards re-run during backward would be counted twice."
-            )
+        _refuse_gradient_checkpointing(self, args)
 
 
 class GradientHeatmap(GradientMonitor, _TrainerAdapter):
@@ -215,3 +221,14 @@ class ExpertHeatmap(ExpertMonitor, _TrainerAdapter):
     Example:
         >>> callback = ExpertHeatmap(every_n_steps=10)  # Trainer(..., callbacks=[callback])
     """
+
+
+class AttentionHeatmap(AttentionMonitor, _TrainerAdapter):
+    """:class:`lightning_heatmaps.AttentionHeatmap` for the Hugging Face ``Trainer`` (same arguments).
+
+    Example:
+        >>> callback = AttentionHeatmap(every_n_steps=10)  # Trainer(..., callbacks=[callback])
+    """
+
+    def _check_trainer(self, args: Any) -> None:
+        _refuse_gradient_checkpointing(self, args)

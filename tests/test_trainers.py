@@ -58,15 +58,15 @@ def _assert_same_heatmaps(expected_dir, actual_dir, rel, shift=0):
     assert images and {t for t in actual.Tags()["images"] if "attention" not in t} == images
 
 
-def _assert_same_attention(expected_dir, actual_dir, rel):
+def _assert_same_attention(expected_dir, actual_dir, rel, shift=0):
     expected, actual = read_events(expected_dir), read_events(actual_dir)
     tags = [t for t in expected.Tags()["scalars"] if t.startswith(("attention_", "output_logits/"))]
     assert len(tags) == 2 * 2 + 2  # (max_logit, entropy) x 2 layers (pooled over heads), log Z mean and max |logit|
     assert sorted(t for t in actual.Tags()["scalars"] if t.startswith(("attention_", "output_logits/"))) == sorted(tags)
     for tag in tags:
         want, got = scalar_series(expected, tag), scalar_series(actual, tag)
-        assert sorted(got) == sorted(want) == [0, 2, 4], tag
-        assert [got[step] for step in want] == pytest.approx([want[step] for step in want], rel=rel), tag
+        assert sorted(want) == [0, 2, 4] and sorted(got) == ([0, 2, 4] if not shift else [1, 2, 3, 4, 5]), tag
+        assert [got[step + shift] for step in want] == pytest.approx([want[step] for step in want], rel=rel), tag
     for metric in ("attention_max_logit", "attention_entropy"):
         a = np.load(f"{expected_dir}/heatmaps/{metric}/layer_x_head.npz")
         b = np.load(f"{actual_dir}/heatmaps/{metric}/layer_x_head.npz")
@@ -115,6 +115,7 @@ def test_hf_trainer_equals_lightning_one_writer_per_directory(hf_run, lightning_
     events = read_events(directory)
     assert sorted(scalar_series(events, "train/loss")) == [1, 2, 3, 4, 5]  # aligned with the Trainer's own scalars
     _assert_same_heatmaps(lightning_run, directory, rel=1e-5, shift=1)
+    _assert_same_attention(lightning_run, directory, rel=1e-5, shift=1)
 
 
 def test_hf_ddp_two_processes_equals_one(tmp_path, lightning_run, hf_run):
@@ -123,6 +124,7 @@ def test_hf_ddp_two_processes_equals_one(tmp_path, lightning_run, hf_run):
     directory = _run(tmp_path, "hf", command=torchrun)
     assert len(glob.glob(f"{directory}/events.out.tfevents.*")) == 1  # rank zero writes, through the callback's writer
     _assert_same_heatmaps(lightning_run, directory, rel=2e-4, shift=1)
+    _assert_same_attention(lightning_run, directory, rel=2e-4, shift=1)
     one, two = read_events(hf_run), read_events(directory)  # and every step (1..5) equals the one-process run's
     tags = [t for t in one.Tags()["scalars"] if t.split("/")[0] in METRICS]
     assert tags and sorted(t for t in two.Tags()["scalars"] if t.split("/")[0] in METRICS) == sorted(tags)

@@ -4,7 +4,7 @@
 
 Global batch b = rows 4b .. 4b+3 of DATA; one process takes all 4, rank r of 2 takes rows 4b+r and 4b+r+2.
 Every run: AdamW(lr=1e-2), 5 optimizer steps, ActivationHeatmap/Monitor (rms) and GradientHeatmap/Monitor
-(grad_norm, update_ratio) every 2 steps; Lightning and Fabric also AttentionHeatmap. Scalars go to the TensorBoard run under OUT_DIR.
+(grad_norm, update_ratio) every 2 steps; Lightning, Fabric and the plain hf runs also AttentionHeatmap. Scalars go to the TensorBoard run under OUT_DIR.
 """
 
 import os
@@ -130,7 +130,7 @@ class Rows(torch.utils.data.IterableDataset):
 def run_hf(out_dir: str, variant: str) -> None:
     import transformers
 
-    from lightning_heatmaps.hf import ActivationHeatmap, GradientHeatmap
+    from lightning_heatmaps.hf import ActivationHeatmap, AttentionHeatmap, GradientHeatmap
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     model, optimizer = model_and_optimizer()
@@ -150,6 +150,8 @@ def run_hf(out_dir: str, variant: str) -> None:
     os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(out_dir, "run")  # transformers 5: the TensorBoard run
     callbacks = [ActivationHeatmap(every_n_steps=1, min_render_interval_seconds=0),
                  GradientHeatmap(metrics=GRADIENT_METRICS, every_n_steps=1, min_render_interval_seconds=0)]
+    if variant == "plain":
+        callbacks.append(AttentionHeatmap(every_n_steps=1, min_render_interval_seconds=0))
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=Rows(), callbacks=callbacks,
         optimizers=(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)),
