@@ -1,42 +1,49 @@
-"""Lightning callbacks that show, live in TensorBoard, what every layer of a transformer is doing."""
+"""Lightning callbacks that show, live in TensorBoard, what every layer of a transformer is doing.
 
-from lightning_heatmaps.activation import ActivationHeatmap
-from lightning_heatmaps.attention import attention_statistics
-from lightning_heatmaps.attention_heatmap import AttentionHeatmap
-from lightning_heatmaps.base import Sample
-from lightning_heatmaps.expert import ExpertHeatmap
-from lightning_heatmaps.gradient import GradientHeatmap
-from lightning_heatmaps.intervention import InterventionHeatmap
-from lightning_heatmaps.layers import CANONICAL_COMPONENTS, LayerMap, resolve_layers
-from lightning_heatmaps.logit_lens import LogitLensHeatmap
-from lightning_heatmaps.probe import ProbeHeatmap
-from lightning_heatmaps.reductions import ACTIVATION_METRICS, ATTENTION_METRICS, EXPERT_METRICS, GRADIENT_METRICS
-from lightning_heatmaps.render import heatmap_figure
-from lightning_heatmaps.spike_alert import SpikeAlert
-from lightning_heatmaps.spikes import RobustBaseline, SpikeMonitor
-from lightning_heatmaps.ring_buffer import RingBuffer
+The public names are imported on first use, so ``lightning_heatmaps.core``, ``lightning_heatmaps.loop`` and
+``lightning_heatmaps.hf`` work without importing Lightning.
+"""
 
-__all__ = [
-    "ACTIVATION_METRICS",
-    "ATTENTION_METRICS",
-    "ActivationHeatmap",
-    "AttentionHeatmap",
-    "CANONICAL_COMPONENTS",
-    "EXPERT_METRICS",
-    "ExpertHeatmap",
-    "GRADIENT_METRICS",
-    "GradientHeatmap",
-    "InterventionHeatmap",
-    "LayerMap",
-    "LogitLensHeatmap",
-    "ProbeHeatmap",
-    "RingBuffer",
-    "RobustBaseline",
-    "Sample",
-    "SpikeAlert",
-    "SpikeMonitor",
-    "attention_statistics",
-    "heatmap_figure",
-    "resolve_layers",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "ACTIVATION_METRICS": "lightning_heatmaps.reductions",
+    "ATTENTION_METRICS": "lightning_heatmaps.reductions",
+    "ActivationHeatmap": "lightning_heatmaps.activation",
+    "AttentionHeatmap": "lightning_heatmaps.attention_heatmap",
+    "CANONICAL_COMPONENTS": "lightning_heatmaps.layers",
+    "EXPERT_METRICS": "lightning_heatmaps.reductions",
+    "ExpertHeatmap": "lightning_heatmaps.expert",
+    "GRADIENT_METRICS": "lightning_heatmaps.reductions",
+    "GradientHeatmap": "lightning_heatmaps.gradient",
+    "InterventionHeatmap": "lightning_heatmaps.intervention",
+    "LayerMap": "lightning_heatmaps.layers",
+    "LogitLensHeatmap": "lightning_heatmaps.logit_lens",
+    "ProbeHeatmap": "lightning_heatmaps.probe",
+    "RingBuffer": "lightning_heatmaps.ring_buffer",
+    "RobustBaseline": "lightning_heatmaps.spikes",
+    "Sample": "lightning_heatmaps.core.monitor",
+    "SpikeAlert": "lightning_heatmaps.spike_alert",
+    "SpikeMonitor": "lightning_heatmaps.spikes",
+    "attention_statistics": "lightning_heatmaps.attention",
+    "heatmap_figure": "lightning_heatmaps.render",
+    "resolve_layers": "lightning_heatmaps.layers",
+}
+
+__all__ = sorted(_WHERE)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lightning_heatmaps' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -8,7 +8,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Hashable
 
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning_heatmaps._ranks import rank_zero_warn
 
 
 class BackgroundWriter:

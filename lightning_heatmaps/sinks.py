@@ -26,19 +26,21 @@ import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from tensorboard.compat.proto.summary_pb2 import DATA_CLASS_TENSOR, Summary, SummaryMetadata
 from tensorboard.compat.proto.tensor_pb2 import TensorProto
 from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
 from tensorboard.compat.proto.types_pb2 import DT_FLOAT, DT_STRING
 
 from lightning_heatmaps._worker import BackgroundWriter
+from lightning_heatmaps._ranks import rank_zero_warn
 from lightning_heatmaps_tensorboard.metadata import ALERT_TAG, PLUGIN_NAME, alert_content, encode_alert
 from lightning_heatmaps.render import rgb_to_png
+
+if TYPE_CHECKING:  # Lightning is imported only where its loggers are used: the core imports this module
+    from lightning.pytorch.loggers import Logger
 
 
 class Sink:
@@ -182,6 +184,8 @@ class LoggerSink(Sink):
     """
 
     def __init__(self, logger: Logger) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
         self.logger = logger
         self.takes_images = isinstance(logger, WandbLogger)
 
@@ -259,6 +263,8 @@ def check_distinct_outputs(trainer: Any, callback: Any) -> None:
 
 def sinks_for_trainer(trainer: Any, image_directory: str) -> list[Sink]:
     """The sinks for this process: none off rank zero; loggers' sinks, plus PNGs if no logger takes images."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
     if not trainer.is_global_zero:
         return []
     sinks: list[Sink] = []
