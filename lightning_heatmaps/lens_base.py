@@ -29,7 +29,9 @@ class LensCallback(LensMonitor, Callback):
     """Base of the lens heatmap callbacks (see :class:`~lightning_heatmaps.LogitLensHeatmap`).
 
     A Lightning callback is a core lens monitor (a subclass of :class:`~lightning_heatmaps.core.LensMonitor`)
-    plus the hooks below, each a one-line translation into a monitor event.
+    plus the hooks below, each a one-line translation into a monitor event. Its arguments (``every_n_steps``,
+    ``on_validation_end``, ``capacity``, ``history``, ``first_layer_index``, ``cmap``, ``max_memory_mb``, ``name``) are
+    :class:`~lightning_heatmaps.core.lens.LensMonitor`'s.
     """
 
     @property
