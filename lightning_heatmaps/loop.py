@@ -13,6 +13,12 @@ Example loop (gradient accumulation, AMP and clipping optional)::
             optimizer.zero_grad()
     monitor.close()
 
+Lens monitors (:class:`~lightning_heatmaps.core.LogitLensMonitor`, ``ProbeMonitor``, ``InterventionMonitor``) go in
+the same list: they evaluate the model on their probe set at the start (step ``start_step``) and after each
+:meth:`Monitor.step` whose new step count is a multiple of their ``every_n_steps``, as the Lightning lens callbacks do
+after ``on_train_batch_end``; call :meth:`Monitor.validation_end` after your own validation for those built with
+``on_validation_end=True``.
+
 Imports neither Lightning nor transformers.
 """
 
@@ -26,6 +32,7 @@ import torch
 from torch import nn
 
 from lightning_heatmaps.core.context import RunContext
+from lightning_heatmaps.core.lens import LensMonitor
 from lightning_heatmaps.core.monitor import HeatmapMonitor, _check_int
 
 __all__ = ["Monitor"]
@@ -42,7 +49,8 @@ class Monitor:
     Args:
         model: the model, final (wrapped in DDP or sharded already).
         monitors: core monitors (:class:`~lightning_heatmaps.core.ActivationMonitor`, ``GradientMonitor``,
-            ``ExpertMonitor``, ``AttentionMonitor``), each built with the same arguments as its Lightning callback.
+            ``ExpertMonitor``, ``AttentionMonitor``, and the lens monitors ``LogitLensMonitor``, ``ProbeMonitor``,
+            ``InterventionMonitor``), each built with the same arguments as its Lightning callback.
         log_dir: the TensorBoard run directory (heatmap files under ``<log_dir>/heatmaps``).
         writer: a ``SummaryWriter`` of yours already writing into ``log_dir``, reused (one writer per directory).
         every_n_steps: the sample period of monitors built with ``every_n_steps=None`` (default 50).
@@ -64,19 +72,20 @@ class Monitor:
     def __init__(
         self,
         model: nn.Module,
-        monitors: Sequence[HeatmapMonitor],
+        monitors: Sequence[HeatmapMonitor | LensMonitor],
         log_dir: str,
         writer: Any = None,
         every_n_steps: int = 50,
         start_step: int = 0,
     ) -> None:
         monitors = list(monitors)
-        if not monitors or not all(isinstance(monitor, HeatmapMonitor) for monitor in monitors):
+        if not monitors or not all(isinstance(monitor, (HeatmapMonitor, LensMonitor)) for monitor in monitors):
             raise ValueError(
                 f"Invalid value for monitors={monitors!r}: must be one or more core monitors "
-                "(lightning_heatmaps.core.ActivationMonitor, GradientMonitor, ExpertMonitor, AttentionMonitor)."
+                "(lightning_heatmaps.core.ActivationMonitor, GradientMonitor, ExpertMonitor, AttentionMonitor, "
+                "LogitLensMonitor, ProbeMonitor, InterventionMonitor)."
             )
-        seen: dict[str, HeatmapMonitor] = {}
+        seen: dict[str, HeatmapMonitor | LensMonitor] = {}
         for monitor in monitors:
             for name in monitor.output_names:
                 if name in seen:
@@ -90,13 +99,17 @@ class Monitor:
         _check_int("every_n_steps", every_n_steps, 1)
         _check_int("start_step", start_step, 0)
         self.monitors = monitors
+        self._heatmaps = [monitor for monitor in monitors if isinstance(monitor, HeatmapMonitor)]
+        self._lenses = [monitor for monitor in monitors if isinstance(monitor, LensMonitor)]
         self.global_step = start_step
         self.context = RunContext.for_directory(log_dir, writer=writer, default_every_n_steps=every_n_steps)
         self._in_step = False
         for monitor in monitors:
-            monitor.attach(model, self.context)
-        for monitor in monitors:
+            monitor.attach(model, self.context)  # a lens monitor asks check_lens_sharding who evaluates
+        for monitor in self._heatmaps:
             monitor.begin_training()
+        for lens in self._lenses:
+            lens.begin_training(self.global_step)
 
     @contextmanager
     def step(self) -> Iterator[Monitor]:
@@ -108,40 +121,50 @@ class Monitor:
         if self._in_step:
             raise RuntimeError("Monitor.step() blocks do not nest: one block is one optimizer step.")
         self._in_step = True
-        for monitor in self.monitors:
+        for monitor in self._heatmaps:
             monitor.begin_micro_batch(self.global_step)
         try:
             yield self
         except BaseException:
-            for monitor in self.monitors:
+            for monitor in self._heatmaps:
                 monitor.skip_sample()
             raise
         finally:
             self._in_step = False
         self.global_step += 1
-        for monitor in self.monitors:
+        for monitor in self._heatmaps:
             monitor.end_micro_batch(self.global_step)
+        for lens in self._lenses:  # after the optimizer step, outside any sampled forward
+            lens.end_micro_batch(self.global_step)
 
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         """``loss.backward(**kwargs)``, telling the monitors: forwards re-run during backward (activation
         checkpointing) do not count, and the next forward in this step is the next micro-batch's."""
-        for monitor in self.monitors:
+        for monitor in self._heatmaps:
             monitor.before_backward()
         loss.backward(**kwargs)
-        for monitor in self.monitors:
+        for monitor in self._heatmaps:
             monitor.begin_micro_batch(self.global_step)  # the next micro-batch of this step, if any
 
     def before_optimizer_step(self, loss_scale: torch.Tensor | float | None = None) -> None:
         """Read gradients (sampled steps only): call once they are final, after ``scaler.unscale_(optimizer)``
         and before clipping. ``loss_scale``: the scale still in the gradients, if you did not unscale."""
-        for monitor in self.monitors:
+        for monitor in self._heatmaps:
             monitor.before_backward()  # no forward between here and the optimizer step is a training forward
             monitor.before_optimizer_step(loss_scale)
 
     def skip(self) -> None:
         """The optimizer step of this block did not happen (e.g. ``GradScaler`` skipped it): no sample for it."""
-        for monitor in self.monitors:
+        for monitor in self._heatmaps:
             monitor.skip_sample()
+
+    def validation_end(self) -> None:
+        """Your validation ended: lens monitors built with ``on_validation_end=True`` evaluate at the current step
+        (once per step). Call on every rank, outside a :meth:`step` block."""
+        if self._in_step:
+            raise RuntimeError("Monitor.validation_end() is called between steps, not inside a step() block.")
+        for lens in self._lenses:
+            lens.validation_end(self.global_step)
 
     def state_dict(self) -> dict[str, Any]:
         """The monitors' histories and the step count, for your checkpoint."""

@@ -94,7 +94,8 @@ def test_fabric_ddp_two_processes_equals_lightning(tmp_path, lightning_run):
 
 
 def test_core_imports_neither_lightning_nor_transformers():
-    code = ("import sys, lightning_heatmaps.core, lightning_heatmaps.loop; "
+    code = ("import sys, lightning_heatmaps.core, lightning_heatmaps.loop, lightning_heatmaps.core.lens, "
+            "lightning_heatmaps.core.logit_lens, lightning_heatmaps.core.probe, lightning_heatmaps.core.intervention; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'lightning_fabric', "
             "'pytorch_lightning', 'transformers')); print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

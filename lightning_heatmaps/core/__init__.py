@@ -10,7 +10,11 @@ from lightning_heatmaps.core.attention import AttentionMonitor
 from lightning_heatmaps.core.context import RunContext
 from lightning_heatmaps.core.expert import ExpertMonitor, resolve_experts
 from lightning_heatmaps.core.gradient import GradientMonitor
+from lightning_heatmaps.core.intervention import InterventionMonitor
+from lightning_heatmaps.core.lens import LensImage, LensMonitor, LensResult
+from lightning_heatmaps.core.logit_lens import LogitLensMonitor
 from lightning_heatmaps.core.monitor import CollectiveContributor, HeatmapMonitor, Sample, SampleListener
+from lightning_heatmaps.core.probe import ProbeMonitor
 
 __all__ = [
     "ActivationMonitor",
@@ -19,6 +23,12 @@ __all__ = [
     "ExpertMonitor",
     "GradientMonitor",
     "HeatmapMonitor",
+    "InterventionMonitor",
+    "LensImage",
+    "LensMonitor",
+    "LensResult",
+    "LogitLensMonitor",
+    "ProbeMonitor",
     "RunContext",
     "Sample",
     "SampleListener",
