@@ -130,6 +130,7 @@ export class Dashboard {
     this.chart = element("div", {class: "lh-chart", hidden: ""}, [this.chartCanvas]);
     this.chartCanvas.addEventListener("mousemove", (event) => this.hoverChart(event));
     this.chartCanvas.addEventListener("mouseleave", () => {
+      this.chartPointer = null;
       this.tooltip.hidden = true;
     });
     this.status = element("div", {id: "lh-status", class: "lh-status"});
@@ -534,6 +535,8 @@ export class Dashboard {
     }
     if (this.pointer && this.heatmaps[this.pointer.panel]) {
       this.hover(this.heatmaps[this.pointer.panel], this.pointer);  // a live refresh updates the tooltip in place
+    } else if (this.chartPointer && !this.chart.hidden) {
+      this.hoverChart(this.chartPointer);  // so does the line chart's
     }
     this.root.dataset.renderMs = (performance.now() - started).toFixed(2);
     const first = primary.steps[0];
@@ -899,6 +902,7 @@ export class Dashboard {
 
   // The line chart's hover: the first run's sample nearest the pointer, its step and exact value.
   hoverChart(event) {
+    this.chartPointer = {offsetX: event.offsetX, clientX: event.clientX, clientY: event.clientY};
     const drawn = this.chartLines;
     const index = drawn ? drawn.nearest(event.offsetX) : -1;
     if (index < 0) {
