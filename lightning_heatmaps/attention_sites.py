@@ -113,6 +113,7 @@ def check_attention_implementations(model: nn.Module, owner: str) -> None:
             ``flash_attention_3``, a hub kernel), naming it, why, and what is supported.
     """
     for model_ in hf_models(model):
+        _check_registries(model_, owner)
         implementation = model_.config._attn_implementation
         if implementation not in MEASURED_IMPLEMENTATIONS and not str(implementation).startswith(_WRAPPED):
             why = ("it runs only on CUDA and takes padding-free packed sequences (cu_seqlens) that this callback does "
@@ -124,6 +125,24 @@ def check_attention_implementations(model: nn.Module, owner: str) -> None:
                 f"Supported: {', '.join(MEASURED_IMPLEMENTATIONS)} (e.g. model.set_attn_implementation('sdpa')), "
                 "nn.MultiheadAttention, and plain calls of torch.nn.functional.scaled_dot_product_attention."
             )
+
+
+def _check_registries(model: nn.Module, owner: str) -> None:
+    """Refuse a transformers release without the public pieces the wrapper needs, naming what is missing."""
+    missing = [] if hasattr(model, "set_attn_implementation") else [f"{type(model).__name__}.set_attn_implementation"]
+    try:
+        from transformers import AttentionInterface  # noqa: F401
+        from transformers.masking_utils import AttentionMaskInterface  # noqa: F401
+    except ImportError:
+        missing.append("transformers.AttentionInterface / transformers.masking_utils.AttentionMaskInterface")
+    if missing:
+        import transformers
+
+        raise RuntimeError(
+            f"{owner} sees a Hugging Face model's attention through transformers' public attention registries, which "
+            f"transformers {transformers.__version__} lacks ({'; '.join(missing)}). Upgrade transformers (tested with "
+            ">= 5.20), or use a model calling torch.nn.functional.scaled_dot_product_attention or nn.MultiheadAttention."
+        )
 
 
 def check_attention_sharding(sites: AttentionSites, model: nn.Module, owner: str) -> None:
