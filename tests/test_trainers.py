@@ -73,16 +73,26 @@ def _assert_same_attention(expected_dir, actual_dir, rel, shift=0):
         np.testing.assert_allclose(b["values"], a["values"], rtol=rel)
 
 
-def test_plain_loop_equals_lightning(tmp_path, lightning_run):
-    _assert_same_heatmaps(lightning_run, _run(tmp_path, "loop"), rel=1e-6)
+@pytest.fixture(scope="module")
+def loop_run(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("loop"), "loop")
+
+
+@pytest.fixture(scope="module")
+def fabric_run(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("fabric"), "fabric")
+
+
+def test_plain_loop_equals_lightning(loop_run, lightning_run):
+    _assert_same_heatmaps(lightning_run, loop_run, rel=1e-6)
 
 
 def test_plain_loop_ddp_two_processes_equals_one(tmp_path, lightning_run):
     _assert_same_heatmaps(lightning_run, _run(tmp_path, "loop_ddp"), rel=2e-4)
 
 
-def test_fabric_equals_lightning(tmp_path, lightning_run):
-    directory = _run(tmp_path, "fabric")
+def test_fabric_equals_lightning(fabric_run, lightning_run):
+    directory = fabric_run
     _assert_same_heatmaps(lightning_run, directory, rel=1e-6)
     _assert_same_attention(lightning_run, directory, rel=1e-6)
 
@@ -225,3 +235,55 @@ def test_fabric_misuse_is_refused_with_a_message():
         ActivationHeatmap(start_step=-1)
     with pytest.raises(RuntimeError, match=r"is not attached: call fabric.setup\(model, optimizer\)"):
         ActivationHeatmap().on_train_batch_start()
+
+
+# --- the HEATMAPS dashboard ---------------------------------------------------------------------------------------
+
+
+def test_the_dashboard_reads_every_trainer(tmp_path, lightning_run, loop_run, fabric_run, hf_run):
+    """TensorBoard, with the HEATMAPS plugin as ``tensorboard`` loads it, serves every trainer's run: the same
+    matrices, described alike, with the same values as the Lightning run's (the Trainer's one step later)."""
+    import shutil
+    import time
+
+    from tensorboard import default, program
+    from tensorboard.backend import application
+    from werkzeug.test import Client
+
+    from lightning_heatmaps_tensorboard.metadata import PLUGIN_NAME
+    from lightning_heatmaps_tensorboard.plugin import decode_values
+
+    runs = {"lightning": lightning_run, "loop": loop_run, "fabric": fabric_run, "hf": hf_run}
+    for name, directory in runs.items():
+        shutil.copytree(directory, tmp_path / name, ignore=shutil.ignore_patterns("*.npz", "*.png", "*.jsonl"))
+    board = program.TensorBoard(plugins=default.get_plugins())
+    board.configure(argv=["", "--logdir", str(tmp_path), "--load_fast", "false", "--samples_per_plugin", f"{PLUGIN_NAME}=0"])
+    data_provider, multiplexer = board._make_data_provider()
+    client = Client(application.TensorBoardWSGIApp(board.flags, board.plugin_loaders, data_provider,
+                                                   board.assets_zip_provider, multiplexer))
+    base = f"/data/plugin/{PLUGIN_NAME}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        listing = client.get(f"{base}/runs").json
+        if set(listing) == set(runs) and len({len(v) for v in listing.values()}) == 1 and listing["lightning"]:
+            break
+        time.sleep(0.2)
+    assert set(listing) == set(runs), listing.keys()
+    want = listing["lightning"]
+    assert {"matrices/grad_norm", "matrices/activation_rms", "matrices/update_ratio"} <= set(want)
+    described = ("callback", "metric", "kind", "row_labels", "column_labels", "missing")
+    for name in ("loop", "fabric", "hf"):
+        got = listing[name]
+        expected = {tag for tag in want if name != "loop" or "attention" not in tag}  # the loop run has no attention
+        assert set(got) == expected, name
+        for tag in got:
+            expected = {k: want[tag].get(k) for k in described}
+            if name == "loop":  # the dashboard names the class the user wrote: the loop's core monitor
+                expected["callback"] = expected["callback"].replace("Heatmap", "Monitor")
+            assert {k: got[tag].get(k) for k in described} == expected, (name, tag)
+            steps, values = decode_values(client.get(f"{base}/values", query_string={"run": "lightning", "tag": tag}).data)
+            their_steps, theirs = decode_values(client.get(f"{base}/values", query_string={"run": name, "tag": tag}).data)
+            assert steps.tolist() == [0, 2, 4], tag
+            shift = 1 if name == "hf" else 0  # the Trainer numbers a step by the global_step after it
+            chosen = [their_steps.tolist().index(step + shift) for step in steps.tolist()]
+            np.testing.assert_allclose(theirs[chosen], values, rtol=1e-5, err_msg=f"{name} {tag}")
