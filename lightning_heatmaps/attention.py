@@ -105,6 +105,7 @@ def attention_statistics(
     sliding_window: int | None = None,
     softcap: float | None = None,
     bias: Tensor | None = None,
+    sink: Tensor | None = None,
     query_rows: Tensor | None = None,
     query_stride: int = 1,
     chunk_bytes: int = CHUNK_BYTES,
@@ -128,6 +129,10 @@ def attention_statistics(
         bias: an additive score bias broadcastable to ``[B, Hq, Lq, Lk]`` (T5's relative position bias), added
             after soft-capping like the mask: it shapes the distribution (entropy) but is not part of the
             logit ``scale * q.k`` whose max is taken.
+        sink: attention-sink logits, ``[Hq]`` (gpt-oss's ``sinks``, passed as ``s_aux``) or per row,
+            broadcastable to ``[B, Hq, Lq, 1]``: each row's softmax runs over its allowed keys and one extra
+            entry holding its sink, which takes a share of the probability and gives no value. The entropy is that of this whole distribution (keys and sink);
+            the sink is not a logit ``scale * q.k`` and never enters the max.
         query_rows: ``[B, Lq]`` boolean, ``False`` for padding queries (excluded). Rows that may see no key
             are excluded as well.
         query_stride: measure every ``query_stride``-th query row only; ``max_logit`` is then a lower bound of
@@ -184,6 +189,11 @@ def attention_statistics(
             if additive is not None:
                 scores = scores + _take_rows(additive, rows, length).to(torch.float32)
             scores = scores.masked_fill(~allowed, -math.inf)
+            if sink is not None:  # one more entry per row: the head's sink
+                column = sink.reshape(1, heads, 1, 1) if sink.dim() == 1 else _take_rows(sink, rows, length)
+                column = column.detach().to(device, torch.float32).expand(*scores.shape[:-1], 1)
+                scores = torch.cat([scores, column], dim=-1)
+                allowed = torch.cat([allowed, torch.ones_like(allowed[..., :1])], dim=-1)
             log_p = torch.log_softmax(scores, dim=-1)
             entropy = -(log_p.exp() * log_p.masked_fill(~allowed, 0.0)).sum(dim=-1)  # [B, H, r]
             entropy_sum += torch.where(valid, entropy, 0.0).sum(dim=(0, 2))

@@ -364,9 +364,11 @@ class AttentionTaps:
         bias = kwargs.get("position_bias")  # T5: added to the scores (after scaling; it is not part of q.k)
         if bias is not None and bias.dim() == 4:
             bias = bias[..., : key.shape[-2]]
+        # attention sinks: one more logit per head (gpt-oss's s_aux) or per row (sinks) in every row's softmax
+        sink = kwargs.get("s_aux") if kwargs.get("s_aux") is not None else kwargs.get("sinks")
         if _is_block_mask(mask):  # flex_attention: its mask_mod, on index grids, a chunk of query rows at a time
             self.record(row, query, key, kwargs.get("scaling"), _block_mask_rows(mask, query, key), False, None,
-                        kwargs.get("softcap"), self._block_mask_query_rows(row, mask, query, key), bias=bias)
+                        kwargs.get("softcap"), self._block_mask_query_rows(row, mask, query, key), bias=bias, sink=sink)
             return
         if mask is not None and mask.dim() == 4:
             mask = mask[..., : key.shape[-2]]
@@ -377,7 +379,7 @@ class AttentionTaps:
         scale = kwargs.get("scaling")
         window = kwargs.get("sliding_window") if mask is None else None
         self.record(row, query, key, scale, mask, causal, window, kwargs.get("softcap"),
-                    self._query_rows(row, query, key, mask), bias=bias)
+                    self._query_rows(row, query, key, mask), bias=bias, sink=sink)
 
     def _query_rows(self, row: int, query: Tensor, key: Tensor, mask: Tensor | None) -> Tensor | None:
         """Non-padding query rows: in self attention, those that may see themselves; cross attention reuses the

@@ -56,6 +56,11 @@ FAMILIES = {
         d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=VOCAB,
         relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0, pad_token_id=1,
         eos_token_id=2, decoder_start_token_id=2), impl),
+    # attention sinks (a learned per-head logit every row may attend to instead of a key), alternating windows
+    "gpt_oss": lambda impl: _build(T.GptOssForCausalLM, T.GptOssConfig(
+        hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, num_local_experts=4, num_experts_per_tok=2, vocab_size=VOCAB, max_position_embeddings=64,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention"]), impl),
 }
 
 
@@ -98,7 +103,7 @@ def _sites(model):
     """(q module, k module, heads, kv heads, rope module or None, scale, kind, window, key source) per row, in
     the callback's row order; kind is causal / bidirectional / cross."""
     config = model.config
-    if isinstance(model, (T.LlamaForCausalLM, T.Gemma2ForCausalLM)):
+    if isinstance(model, (T.LlamaForCausalLM, T.Gemma2ForCausalLM, T.GptOssForCausalLM)):
         scale = (config.query_pre_attn_scalar ** -0.5) if isinstance(model, T.Gemma2ForCausalLM) else config.head_dim ** -0.5
         rows = []
         for i, layer in enumerate(model.model.layers):
@@ -194,6 +199,9 @@ def reference(model, kwargs):
         counted = allowed & rows[:, None, :, None]
         maxima.append(logits.masked_fill(~counted, -math.inf).amax(dim=(0, 2, 3)))
         entropy = -(p * torch.where(p > 0, p.log(), 0.0)).sum(-1)  # [B, H, L]
+        if isinstance(model, T.GptOssForCausalLM):  # the sink's share: the probabilities returned leave it out
+            sink = (1.0 - p.sum(-1)).clamp_min(0.0)
+            entropy = entropy - sink * torch.where(sink > 0, sink.log(), 0.0)
         weights = rows[:, None, :].float()
         entropies.append((entropy * weights).sum(dim=(0, 2)) / weights.sum(dim=(0, 2)))
     logits = result.logits.float()
@@ -255,6 +263,7 @@ def check_against_reference(trainer, callback, ref, labels):
     ("llama", "sdpa", ["0", "1"]),
     ("gpt2", "sdpa", ["0", "1"]),
     ("gemma2", "eager", ["0", "1"]),
+    ("gpt_oss", "eager", ["0", "1"]),
     ("bert", "sdpa", ["0", "1"]),
     ("bart", "sdpa", ["enc.0", "enc.1", "dec.0", "dec_xattn.0", "dec.1", "dec_xattn.1"]),
     ("t5", "eager", ["enc.0", "enc.1", "dec.0", "dec_xattn.0", "dec.1", "dec_xattn.1"]),
@@ -590,6 +599,23 @@ def test_nan_logits_make_the_cell_nan_warn_once_and_training_goes_on(tmp_path):
     _, entropy = callback.sample_history("attention_entropy")
     assert np.isnan(entropy[0, 1, 1]) and np.isfinite(entropy[0, 0, :4]).all()
     assert sum("attention_max_logit is NaN" in str(w.message) for w in record) == 1
+
+
+def test_attention_sinks_per_head_and_per_row_take_their_share_of_the_entropy_not_of_the_max():
+    """The sink is one more entry of each row's softmax (as gpt-oss's eager attention concatenates it): the
+    entropy is that of keys and sink together, chunked or not; the max logit stays over q.k."""
+    generator = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 4, 7, 8, generator=generator), torch.randn(2, 2, 7, 8, generator=generator)
+    allowed = torch.ones(7, 7, dtype=torch.bool).tril()
+    logits = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.5
+    for sink in (torch.randn(4, generator=generator) * 3, torch.randn(2, 4, 7, 1, generator=generator) * 3):
+        column = sink.reshape(1, 4, 1, 1).expand(2, 4, 7, 1) if sink.dim() == 1 else sink
+        p = torch.cat([logits.masked_fill(~allowed, -math.inf), column], -1).softmax(-1)
+        entropy = -(p * torch.where(p > 0, p.log(), 0.0)).sum(-1)
+        for chunk_bytes in (1, 10**9):
+            top, total, rows = attention_statistics(q, k, 0.5, None, causal=True, sink=sink, chunk_bytes=chunk_bytes)
+            np.testing.assert_allclose(total / rows, entropy.mean(dim=(0, 2)), rtol=1e-5)
+            np.testing.assert_allclose(top, logits.masked_fill(~allowed, -math.inf).amax(dim=(0, 2, 3)), rtol=1e-6)
 
 
 def test_attention_statistics_chunks_strides_and_gqa_against_direct_computation():

@@ -199,13 +199,13 @@ class AttentionMonitor(HeatmapMonitor):
 
     def _record(self, row: int, query: Tensor, key: Tensor, scale: float | None, mask: Tensor | None, causal: bool,
                 sliding_window: int | None, softcap: float | None, query_rows: Tensor | None,
-                bias: Tensor | None = None) -> None:
+                bias: Tensor | None = None, sink: Tensor | None = None) -> None:
         if not self._collecting or self._stats is None:
             return
         self._seen_rows.add(row)
         top, entropy, rows = attention_statistics(
             query, key, scale, mask, causal=causal, sliding_window=sliding_window, softcap=softcap, bias=bias,
-            query_rows=query_rows, query_stride=self.query_stride, chunk_bytes=self.chunk_bytes,
+            sink=sink, query_rows=query_rows, query_stride=self.query_stride, chunk_bytes=self.chunk_bytes,
         )
         first = self._first_slot[row]
         cells = slice(first, first + top.shape[0])
