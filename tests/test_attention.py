@@ -734,3 +734,67 @@ def test_two_instances_on_one_model_both_equal_the_reference(tmp_path):
     assert steps.tolist() == [0, 2]
     np.testing.assert_allclose(values[-1, :, :-1], ref.values[2][1], rtol=1e-5)
     assert model.config._attn_implementation == "eager"  # the second instance did not wrap the first's wrapper
+
+
+# --- every family the resolver knows: the entropy against the model's own probabilities --------------------------
+
+from families import FAMILIES as ALL_FAMILIES, build as build_family  # noqa: E402
+
+#: Families whose attention does not go through transformers' AttentionInterface (ALiBi built into their own
+#: attention): refused at the first sample, never drawn (tested in test_no_attention_is_a_clear_error_at_fit_start).
+NOT_SEEN = {"bloom", "mpt"}
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", sorted(set(ALL_FAMILIES) - NOT_SEEN))
+def test_every_family_entropy_equals_its_own_eager_probabilities(tmp_path, family, implementation):
+    """One sampled step through the plain loop (eager or sdpa), padded rows, no dropout: each (layer, head)
+    entropy in the npz equals the mean over non-padding query rows of the entropy of the model's own
+    ``output_attentions`` rows (plus the sink's share where the returned row sums to less than one). A wrong
+    scale, mask, soft-cap, bias or sink in any family shows here; its heads count and row order too."""
+    from lightning_heatmaps.core import AttentionMonitor
+    from lightning_heatmaps.loop import Monitor
+
+    torch.manual_seed(0)
+    model = build_family(family)
+    try:
+        model.set_attn_implementation(implementation)
+    except ValueError as error:  # the family has no sdpa attention (gpt-oss)
+        pytest.skip(str(error)[:200])
+    model.set_attn_implementation("eager")  # the reference: the model's own probabilities
+    model.eval()  # no dropout: the reference forward and the monitored one see the same hidden states
+    ids = torch.randint(3, 64, (3, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[2, 4:] = 0
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    if model.config.is_encoder_decoder:
+        inputs.update(decoder_input_ids=ids, decoder_attention_mask=mask)
+    with torch.no_grad():
+        result = model(**inputs, output_attentions=True)
+    if model.config.is_encoder_decoder:
+        probabilities = [*result.encoder_attentions]
+        for self_, cross in zip(result.decoder_attentions, result.cross_attentions):
+            probabilities += [self_, cross]
+    else:
+        probabilities = list(result.attentions)
+    expected = []
+    for p in probabilities:
+        p = p.double()
+        entropy = -(p * torch.where(p > 0, p.log(), 0.0)).sum(-1)
+        sink = (1.0 - p.sum(-1)).clamp_min(0.0)  # zero without sinks (up to rounding)
+        entropy = entropy - sink * torch.where(sink > 1e-6, sink.log(), 0.0)
+        rows = mask.bool()[:, None, :].double()
+        expected.append(((entropy * rows).sum(dim=(0, 2)) / rows.sum(dim=(0, 2))).numpy())
+    model.set_attn_implementation(implementation)
+    monitor = Monitor(model, [AttentionMonitor(every_n_steps=1, min_render_interval_seconds=0)], log_dir=str(tmp_path))
+    with monitor.step():
+        loss = model(**inputs).logits.float().square().mean()
+        monitor.backward(loss)
+        monitor.before_optimizer_step()
+    monitor.close()
+    npz = np.load(tmp_path / "heatmaps" / "attention_entropy" / "layer_x_head.npz")
+    assert npz["values"].shape == (len(expected), max(len(e) for e in expected)), family
+    for row, want in enumerate(expected):
+        np.testing.assert_allclose(npz["values"][row, : len(want)], want, rtol=2e-4, atol=2e-5,
+                                   err_msg=f"{family} row {npz['layer_labels'][row]}")
