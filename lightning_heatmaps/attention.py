@@ -212,3 +212,112 @@ def _take_rows(mask: Tensor, rows: Tensor, length: int) -> Tensor:
 def _masked_amax(logits: Tensor, allowed: Tensor) -> Tensor:
     """Per head (dim 1) max over allowed entries (``amax`` propagates NaN), ``-inf`` where nothing is allowed."""
     return logits.masked_fill(~allowed, -math.inf).amax(dim=(0, 2, 3))
+
+
+def flash_allowed(
+    query_length: int,
+    key_length: int,
+    *,
+    causal: bool,
+    sliding_window: int | None = None,
+    padding: Tensor | None = None,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    batch: int = 1,
+    device: torch.device | str = "cpu",
+) -> tuple[Callable[[Tensor], Tensor], Tensor | None]:
+    """The keys each query sees in a FlashAttention call, as transformers' ``flash_attention_forward`` makes it.
+
+    FlashAttention has no mask: a padded batch is unpadded into sequences (``padding``, the 2D mask, ``1`` =
+    token), a packed batch is cut into sequences at ``cu_seqlens``, and within each sequence of ``n_q`` queries and
+    ``n_k`` keys, query ``i`` sees key ``j`` when ``j <= i + n_k - n_q`` (``causal``: aligned to the bottom-right
+    corner) and, with a window (applied only when ``key_length > sliding_window``; window size
+    ``(sliding_window - 1, sliding_window - 1)``), when ``|j - (i + n_k - n_q)| <= sliding_window - 1``. With
+    padding, the query rows kept are the mask's (its last ``query_length`` columns when queries and keys differ in
+    length, as transformers' unpadding does); other rows are not computed.
+
+    Args:
+        query_length, key_length: the padded lengths ``Lq``, ``Lk``.
+        causal: the call's ``causal`` flag.
+        sliding_window: the ``sliding_window`` argument, or ``None``.
+        padding: ``[B, Lk]`` 2D mask, or ``None``.
+        cu_seqlens_q, cu_seqlens_k: cumulative sequence starts over the flattened ``B * L`` tokens (packed
+            sequences), or ``None``. A sequence may not span two batch rows.
+        batch: ``B``.
+
+    Returns:
+        ``(rows_fn, query_rows)``: ``rows_fn(rows)`` gives the allowed keys ``[B, 1, r, Lk]`` of query rows
+        ``rows`` (so no ``Lq x Lk`` mask is formed); ``query_rows`` ``[B, Lq]`` the computed query rows, or ``None``
+        for all.
+
+    Raises:
+        ValueError: a packed sequence spans two batch rows.
+
+    Example:
+        >>> rows_fn, rows = flash_allowed(4, 4, causal=True, sliding_window=2, padding=torch.tensor([[0, 1, 1, 1]]))
+        >>> rows_fn(torch.arange(4))[0, 0].int().tolist(), rows.int().tolist()
+        ([[0, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]], [[0, 1, 1, 1]])
+    """
+    device = torch.device(device)
+
+    def ranks(valid: Tensor) -> tuple[Tensor, Tensor]:  # position among the row's kept tokens, and their count
+        valid = valid.to(device, torch.bool)
+        return valid.long().cumsum(-1) - 1, valid.sum(-1, keepdim=True)
+
+    def segments(cu: Tensor, length: int) -> tuple[Tensor, Tensor, Tensor]:  # segment id, rank in it, its length
+        cu = cu.to(device, torch.long)
+        token = torch.arange(batch * length, device=device)
+        segment = torch.searchsorted(cu[1:], token, right=True).clamp_max(len(cu) - 2)
+        start = cu[segment]
+        first = token.view(batch, length)[:, :1]  # a segment starting before its row's first token spans rows
+        if bool((start.view(batch, length) < first).any()):
+            raise ValueError("flash_allowed: a packed sequence (cu_seq_lens) spans two batch rows; not supported.")
+        return (segment.view(batch, length), (token - start).view(batch, length),
+                (cu[1:] - cu[:-1])[segment].view(batch, length))
+
+    segment_q = segment_k = None
+    query_rows = None
+    if padding is not None:
+        key_valid = padding.to(device, torch.bool)
+        if query_length == key_length:
+            query_valid = key_valid
+        elif query_length == 1:
+            query_valid = torch.ones(key_valid.shape[0], 1, dtype=torch.bool, device=device)
+        else:
+            query_valid = key_valid[:, -query_length:]
+        rank_q, count_q = ranks(query_valid)
+        rank_k, count_k = ranks(key_valid)
+        offset = (count_k - count_q).expand(-1, query_length)  # [B, Lq]
+        query_rows = query_valid
+    elif cu_seqlens_q is not None and cu_seqlens_k is not None:
+        key_valid = None
+        segment_q, rank_q, count_q = segments(cu_seqlens_q, query_length)
+        segment_k, rank_k, _ = segments(cu_seqlens_k, key_length)
+        # a query's sequence has the same index among the key sequences: its key count
+        count_k_of_q = (cu_seqlens_k.to(device, torch.long)[1:] - cu_seqlens_k.to(device, torch.long)[:-1])[segment_q]
+        offset = count_k_of_q - count_q
+    else:
+        key_valid = None
+        rank_q = torch.arange(query_length, device=device).expand(batch, -1)
+        rank_k = torch.arange(key_length, device=device).expand(batch, -1)
+        offset = torch.full((batch, query_length), key_length - query_length, device=device)
+    window = sliding_window if sliding_window is not None and key_length > sliding_window else None
+
+    def rows_fn(rows: Tensor) -> Tensor:
+        rows = rows.to(device)
+        aligned = rank_q[:, rows] + offset[:, rows]  # [B, r]: the key rank the query sits at
+        distance = rank_k[:, None, :] - aligned[:, :, None]  # [B, r, Lk]
+        allowed = torch.ones_like(distance, dtype=torch.bool)
+        if key_valid is not None:
+            allowed &= key_valid[:, None, :]
+        if query_rows is not None:
+            allowed &= query_rows[:, rows, None]
+        if segment_q is not None:
+            allowed &= segment_q[:, rows, None] == segment_k[:, None, :]
+        if causal:
+            allowed &= distance <= 0
+        if window is not None:
+            allowed &= (distance >= 1 - window) & (distance <= window - 1)
+        return allowed[:, None]
+
+    return rows_fn, query_rows

@@ -30,11 +30,12 @@ class AttentionHeatmap(AttentionMonitor, HeatmapCallback):
     Also logged per sample, for language models: ``<prefix>output_logits/log_z_mean`` (mean ``logsumexp`` of
     the LM head's logits over non-padding positions, what z-loss controls) and ``<prefix>output_logits/max_abs``.
 
-    Seen through: Hugging Face models with ``attn_implementation`` ``eager``, ``sdpa`` or ``flex_attention`` (a
-    wrapped attention function in transformers' ``AttentionInterface``, set only during sampled forwards; a
-    flex ``BlockMask`` is read element by element), ``nn.MultiheadAttention`` (a forward pre-hook recomputing q
+    Seen through: Hugging Face models with ``attn_implementation`` ``eager``, ``sdpa``, ``flex_attention``,
+    ``flash_attention_2`` or ``flash_attention_3`` (a wrapped attention function in transformers'
+    ``AttentionInterface``, set only during sampled forwards; a flex ``BlockMask`` is read element by element;
+    FlashAttention's unpadding and packing are rebuilt from its arguments), ``nn.MultiheadAttention`` (a forward pre-hook recomputing q
     and k), and other models calling ``torch.nn.functional.scaled_dot_product_attention`` from a stack of
-    repeated blocks. Other implementations (``flash_attention_2``, hub kernels) are refused at setup. Nothing
+    repeated blocks. Other implementations (hub kernels, custom functions) are refused at setup. Nothing
     is installed on unsampled steps.
 
     Cost of a sampled step: q and k are multiplied once more, in float32 under ``no_grad``, a chunk of query

@@ -11,7 +11,10 @@ extra code at all and forwards recomputed by activation checkpointing (during ba
   them, measures, and calls the original implementation (``eager``: the model's own ``eager_attention_forward``;
   ``sdpa``: transformers' ``sdpa_attention_forward``; ``flex_attention``: transformers'
   ``flex_attention_forward``, whose ``BlockMask`` is evaluated element by element, chunk by chunk) with the
-  same arguments.
+  same arguments. FlashAttention (``flash_attention_2``/``_3``) is wrapped in place instead, under its own name
+  in ``AttentionInterface`` for the sampled forward (the model picks its kernel by that name), and the keys each
+  query sees are rebuilt from what the kernel gets: the 2D padding mask, packed ``cu_seq_lens`` or
+  ``position_ids``, the causal flag and the window.
 - ``nn.MultiheadAttention``: a forward pre-hook that recomputes q and k from its input projection.
 - Any other model calling ``torch.nn.functional.scaled_dot_product_attention``: a
   ``TorchFunctionMode`` that sees the call, with forward pre-hooks on the blocks telling which layer runs.
@@ -31,8 +34,11 @@ from torch.overrides import TorchFunctionMode
 from lightning_heatmaps.architectures import SUBTREES
 from lightning_heatmaps.layers import _attention_projection, _stack_prefix, find_block_stacks
 
+#: transformers' FlashAttention implementations (``flash_attention_forward``, its unpadding and packing), measured
+#: by reconstructing the keys each query sees (:func:`~lightning_heatmaps.attention.flash_allowed`).
+FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
 #: transformers attention implementations that are measured, by name.
-MEASURED_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
+MEASURED_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", *FLASH_IMPLEMENTATIONS)
 _WRAPPED = "lightning_heatmaps_"
 
 #: ``(row, query, key, scale, mask, causal, sliding_window, softcap, query_rows, bias=None)`` -> None
@@ -115,16 +121,41 @@ def check_attention_implementations(model: nn.Module, owner: str) -> None:
     for model_ in hf_models(model):
         _check_registries(model_, owner)
         implementation = model_.config._attn_implementation
+        if implementation in FLASH_IMPLEMENTATIONS:
+            _check_flash_registry(implementation, owner)
         if implementation not in MEASURED_IMPLEMENTATIONS and not str(implementation).startswith(_WRAPPED):
-            why = ("it runs only on CUDA and takes padding-free packed sequences (cu_seqlens) that this callback does "
-                   "not reconstruct, so it is not measured (it could not be tested on CPU)"
-                   if str(implementation).startswith("flash_attention") else
-                   "its kernel's masking and scaling are not known to this callback, so it is not measured exactly")
+            why = "its kernel's masking and scaling are not known to this callback, so it is not measured exactly"
             raise ValueError(
                 f"{owner} does not measure attn_implementation={implementation!r} of {type(model_).__name__}: {why}. "
                 f"Supported: {', '.join(MEASURED_IMPLEMENTATIONS)} (e.g. model.set_attn_implementation('sdpa')), "
                 "nn.MultiheadAttention, and plain calls of torch.nn.functional.scaled_dot_product_attention."
             )
+
+
+def _check_flash_registry(implementation: str, owner: str) -> None:
+    """A FlashAttention implementation is wrapped in place, under its own name (the model picks its kernel by that
+    name): refuse when transformers' global registry entry does not reach the models (a local override)."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    original = ALL_ATTENTION_FUNCTIONS[implementation]
+    if getattr(original, "_lightning_heatmaps_flash", False):
+        return
+
+    def probe(*args: Any, **kwargs: Any) -> Any:
+        return original(*args, **kwargs)
+
+    AttentionInterface.register(implementation, probe)
+    try:
+        reaches = ALL_ATTENTION_FUNCTIONS[implementation] is probe
+    finally:
+        AttentionInterface.register(implementation, original)
+    if not reaches:
+        raise ValueError(
+            f"{owner} cannot see attn_implementation={implementation!r}: transformers' AttentionInterface entry for it "
+            "is overridden locally, so a function registered for it would not be called. Supported: "
+            f"{', '.join(MEASURED_IMPLEMENTATIONS)} through transformers' public registries."
+        )
 
 
 def _check_registries(model: nn.Module, owner: str) -> None:
@@ -226,7 +257,7 @@ def find_attention_sites(model: nn.Module, num_heads: int | None = None, first_l
     if not labels:
         raise ValueError(
             f"AttentionHeatmap found no attention it can see in {type(model).__name__}: it looks for Hugging Face "
-            "attention modules (attn_implementation 'eager', 'sdpa' or 'flex_attention'), nn.MultiheadAttention, "
+            f"attention modules (attn_implementation {', '.join(map(repr, MEASURED_IMPLEMENTATIONS))}), nn.MultiheadAttention, "
             "and, in a stack of repeated blocks (an nn.ModuleList/nn.Sequential) with a head count (a num_heads/n_heads "
             "attribute, or AttentionHeatmap(num_heads=...)), calls of torch.nn.functional.scaled_dot_product_attention."
         )
@@ -254,6 +285,21 @@ def _wrapped_function(base: str) -> Callable[..., Any]:
     return attention
 
 
+def _flash_wrapper(base: str, original: Callable[..., Any]) -> Callable[..., Any]:
+    """``original`` (a FlashAttention implementation), seen by the active taps first; registered under ``base``
+    itself for a sampled forward, because the model picks its kernel by the implementation's name."""
+
+    def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                  *args: Any, **kwargs: Any) -> Any:
+        for taps in _ACTIVE_TAPS:
+            taps.transformers_call(module, base, query, key, attention_mask, kwargs)
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+    attention._lightning_heatmaps_flash = True  # type: ignore[attr-defined]
+    attention.original = original  # type: ignore[attr-defined]
+    return attention
+
+
 def _register(base: str) -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -264,6 +310,19 @@ def _register(base: str) -> str:
         AttentionInterface.register(name, _wrapped_function(base))
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     return name
+
+
+def _flash_dtype(module: nn.Module, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+    """q and k in the dtype the kernel gets them: transformers casts float32 inputs (PEFT's float32 norms) to the
+    half-precision dtype it finds for the module (autocast, the weights) before the kernel."""
+    if query.dtype != torch.float32:
+        return query, key
+    try:
+        from transformers.integrations.flash_attention import get_target_dtype
+    except ImportError:
+        return query, key
+    target = get_target_dtype(query, module)
+    return (query, key) if target in (None, torch.float32) else (query.to(target), key.to(target))
 
 
 def _is_block_mask(mask: Any) -> bool:
@@ -308,13 +367,14 @@ class AttentionTaps:
         self.record = record
         self._handles: list[Any] = []
         self._restore: list[tuple[nn.Module, str]] = []
+        self._registry_restore: list[tuple[str, Callable[..., Any]]] = []
         self._mode: _SdpaMode | None = None
         self._block: int | None = None
         self._rows_by_shape: dict[tuple[int, int], Tensor | None] = {}
 
     @property
     def installed(self) -> bool:
-        return bool(self._handles or self._restore or self._mode is not None)
+        return bool(self._handles or self._restore or self._registry_restore or self._mode is not None)
 
     def install(self) -> None:
         self._rows_by_shape = {}
@@ -323,6 +383,9 @@ class AttentionTaps:
                 base = model.config._attn_implementation
                 if base.startswith(_WRAPPED):
                     continue  # another AttentionHeatmap wrapped it for this forward: its function calls every taps
+                if base in FLASH_IMPLEMENTATIONS:
+                    self._wrap_flash(base)
+                    continue
                 self._restore.append((model, base))
                 model.set_attn_implementation(_register(base))
             _ACTIVE_TAPS.append(self)
@@ -344,9 +407,25 @@ class AttentionTaps:
         for model, base in self._restore:
             model.set_attn_implementation(base)
         self._restore = []
+        if self._registry_restore:
+            from transformers import AttentionInterface
+
+            for base, original in reversed(self._registry_restore):
+                AttentionInterface.register(base, original)
+            self._registry_restore = []
         if self in _ACTIVE_TAPS:
             _ACTIVE_TAPS.remove(self)
         self._block = None
+
+    def _wrap_flash(self, base: str) -> None:
+        from transformers import AttentionInterface
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        original = ALL_ATTENTION_FUNCTIONS[base]
+        if getattr(original, "_lightning_heatmaps_flash", False):
+            return  # wrapped already (another model of this one, or another AttentionHeatmap): it calls every taps
+        AttentionInterface.register(base, _flash_wrapper(base, original))
+        self._registry_restore.append((base, original))
 
     # --- the three kinds of call ---------------------------------------------------------------
 
@@ -370,6 +449,12 @@ class AttentionTaps:
             self.record(row, query, key, kwargs.get("scaling"), _block_mask_rows(mask, query, key), False, None,
                         kwargs.get("softcap"), self._block_mask_query_rows(row, mask, query, key), bias=bias, sink=sink)
             return
+        if base in FLASH_IMPLEMENTATIONS:  # no mask: unpadding, packing, causal and window flags, as FlashAttention
+            allowed, rows = self._flash_rows(row, module, query, key, mask, kwargs)
+            query, key = _flash_dtype(module, query, key)
+            self.record(row, query, key, kwargs.get("scaling"), allowed, False, None, kwargs.get("softcap"), rows,
+                        bias=bias, sink=sink)
+            return
         if mask is not None and mask.dim() == 4:
             mask = mask[..., : key.shape[-2]]
         # sdpa applies a causal mask itself when it was given none; eager applies none.
@@ -380,6 +465,45 @@ class AttentionTaps:
         window = kwargs.get("sliding_window") if mask is None else None
         self.record(row, query, key, scale, mask, causal, window, kwargs.get("softcap"),
                     self._query_rows(row, query, key, mask), bias=bias, sink=sink)
+
+    def _flash_rows(self, row: int, module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None,
+                    kwargs: dict[str, Any]) -> tuple[Callable[[Tensor], Tensor], Tensor | None]:
+        """What transformers' ``_flash_attention_forward`` hands the kernel, in its order: a 2D padding mask
+        (unpadded), else ``cu_seq_lens_q/k`` (packed), else packed ``position_ids`` (batch 1, several increasing
+        runs; a sequence starts at each smallest position), else the plain batch."""
+        from lightning_heatmaps.attention import flash_allowed
+
+        batch, length, keys = query.shape[0], query.shape[-2], key.shape[-2]
+        if kwargs.get("block_table") is not None:
+            raise RuntimeError("AttentionHeatmap does not measure paged FlashAttention (a block_table): a training "
+                               "forward does not use it.")
+        if mask is not None and mask.dim() != 2:
+            raise RuntimeError(f"AttentionHeatmap expected FlashAttention's 2D padding mask in {type(module).__name__} "
+                               f"but got a mask of shape {tuple(mask.shape)}; not measured.")
+        causal = kwargs.get("is_causal")
+        causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
+        cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+        packed = mask is None and cu_q is not None and cu_k is not None and \
+            kwargs.get("max_length_q") is not None and kwargs.get("max_length_k") is not None
+        if mask is None and not packed:
+            positions = kwargs.get("position_ids")
+            if positions is not None and batch == 1 and positions.shape[-1] > 1:
+                positions = positions.reshape(-1)
+                if bool((positions[1:] < positions[:-1]).any()):  # several increasing runs: packed
+                    starts = (positions == positions.min()).nonzero().view(-1)
+                    cu_q = cu_k = torch.cat([starts, starts.new_tensor([positions.numel()])])
+                    packed = True
+        allowed, rows = flash_allowed(
+            length, keys, causal=causal, sliding_window=kwargs.get("sliding_window"),
+            padding=mask[:, -keys:] if mask is not None else None, cu_seqlens_q=cu_q if packed else None,
+            cu_seqlens_k=cu_k if packed else None, batch=batch, device=query.device,
+        )
+        if row in self.sites.cross:  # the decoder's non-padding rows, among those the kernel computes
+            decoder = self._rows_by_shape.get((batch, length))
+            rows = decoder if rows is None else rows if decoder is None else rows & decoder.to(rows.device)
+        else:
+            self._rows_by_shape[(batch, length)] = rows
+        return allowed, rows
 
     def _query_rows(self, row: int, query: Tensor, key: Tensor, mask: Tensor | None) -> Tensor | None:
         """Non-padding query rows: in self attention, those that may see themselves; cross attention reuses the

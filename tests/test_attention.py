@@ -798,3 +798,173 @@ def test_every_family_entropy_equals_its_own_eager_probabilities(tmp_path, famil
     for row, want in enumerate(expected):
         np.testing.assert_allclose(npz["values"][row, : len(want)], want, rtol=2e-4, atol=2e-5,
                                    err_msg=f"{family} row {npz['layer_labels'][row]}")
+
+
+# --- FlashAttention: its contract emulated on CPU ------------------------------------------------------------------
+
+
+def flash_contract(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                   softcap=None, is_causal=None, s_aux=None, position_ids=None, cu_seq_lens_q=None,
+                   cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
+    """transformers' ``flash_attention_forward`` on CPU, in float32, written out sequence by sequence from
+    flash-attn's documented semantics: a padded batch is unpadded (a 2D mask), a packed one cut at ``cu_seq_lens``
+    or where ``position_ids`` restart (batch 1); within a sequence of ``nq`` queries and ``nk`` keys, query ``i``
+    sees key ``j`` when ``j <= i + nk - nq`` (causal, bottom-right) and ``|j - (i + nk - nq)| < sliding_window``
+    (a window, when the padded key length exceeds it); uncomputed (padding) rows are zero."""
+    causal = module.is_causal if is_causal is None else is_causal
+    batch, heads, q_len, dim = query.shape
+    k_len = key.shape[2]
+    k = key.repeat_interleave(heads // key.shape[1], 1)
+    v = value.repeat_interleave(heads // value.shape[1], 1)
+    scale = dim ** -0.5 if scaling is None else scaling
+    if attention_mask is not None:
+        sequences = []
+        for b in range(batch):
+            keys = attention_mask[b].nonzero().view(-1)
+            queries = keys if q_len == k_len else attention_mask[b, -q_len:].nonzero().view(-1)
+            sequences.append(([(b, int(i)) for i in queries], [(b, int(j)) for j in keys]))
+    else:
+        if cu_seq_lens_q is None and position_ids is not None and batch == 1 and (position_ids.diff(dim=-1) < 0).any():
+            starts = (position_ids.view(-1) == position_ids.min()).nonzero().view(-1).tolist()
+            cu_seq_lens_q = cu_seq_lens_k = torch.tensor([*starts, q_len])
+        if cu_seq_lens_q is not None:
+            cq, ck = cu_seq_lens_q.tolist(), cu_seq_lens_k.tolist()
+            sequences = [([divmod(t, q_len) for t in range(cq[s], cq[s + 1])], [divmod(t, k_len) for t in range(ck[s], ck[s + 1])])
+                         for s in range(len(cq) - 1)]
+        else:
+            sequences = [([(b, i) for i in range(q_len)], [(b, j) for j in range(k_len)]) for b in range(batch)]
+    out = query.new_zeros(batch, q_len, heads, v.shape[-1])
+    for queries, keys in sequences:
+        qs = torch.stack([query[b, :, i] for b, i in queries], 1)  # [H, nq, D]
+        ks = torch.stack([k[b, :, j] for b, j in keys], 1)
+        vs = torch.stack([v[b, :, j] for b, j in keys], 1)
+        logits = (qs @ ks.transpose(-1, -2)) * scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        nq, nk = len(queries), len(keys)
+        i = torch.arange(nq)[:, None] + nk - nq
+        j = torch.arange(nk)[None, :]
+        allowed = torch.ones(nq, nk, dtype=torch.bool)
+        if causal:
+            allowed &= j <= i
+        if sliding_window is not None and k_len > sliding_window:
+            allowed &= (j - i).abs() <= sliding_window - 1
+        logits = logits.masked_fill(~allowed, -math.inf)
+        if s_aux is not None:
+            logits = torch.cat([logits, s_aux.view(-1, 1, 1).expand(heads, nq, 1)], -1)
+        p = logits.softmax(-1)[..., :nk]
+        result = p @ vs  # [H, nq, Dv]
+        for row, (b, index) in enumerate(queries):
+            out[b, index] = result[:, row]
+    return out, None
+
+
+class EmulatedFlash:
+    """Runs ``model`` with ``attn_implementation="flash_attention_2"`` on CPU: ``flash_contract`` registered under that
+    name in transformers' public AttentionInterface (restored on exit), and the model's config set to it. The config
+    is set directly: ``set_attn_implementation`` refuses flash_attention_2 without the flash-attn package (CUDA)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        from transformers import AttentionInterface
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        self.original = ALL_ATTENTION_FUNCTIONS["flash_attention_2"]
+        self.implementation = self.model.config._attn_implementation
+        AttentionInterface.register("flash_attention_2", flash_contract)
+        self.model.config._attn_implementation = "flash_attention_2"
+        return self.model
+
+    def __exit__(self, *exc):
+        from transformers import AttentionInterface
+
+        self.model.config._attn_implementation = self.implementation
+        AttentionInterface.register("flash_attention_2", self.original)
+
+
+def _monitor_once(model, inputs, log_dir):
+    """One sampled training step of ``model`` on ``inputs`` through the plain loop; the two layer x head arrays."""
+    from lightning_heatmaps.core import AttentionMonitor
+    from lightning_heatmaps.loop import Monitor
+
+    monitor = Monitor(model, [AttentionMonitor(every_n_steps=1, min_render_interval_seconds=0)], log_dir=str(log_dir))
+    with monitor.step():
+        loss = model(**inputs).logits.float().square().mean()
+        monitor.backward(loss)
+        monitor.before_optimizer_step()
+    monitor.close()
+    return [np.load(log_dir / "heatmaps" / metric / "layer_x_head.npz")
+            for metric in ("attention_max_logit", "attention_entropy")]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "bart"])
+def test_flash_attention_padded_equals_eager(tmp_path, family):
+    """flash_attention_2 (its contract emulated on CPU): the model computes what it computes with eager attention at
+    every real position (which checks the emulation), and AttentionHeatmap's layer x head arrays equal the eager
+    ones (tested against the model's pieces above): padding unpadded, GQA, Gemma 2's window and soft-cap, BART's
+    bidirectional encoder, causal decoder and cross attention."""
+    torch.manual_seed(0)
+    model = FAMILIES[family]("eager").eval()
+    ids, mask = next(iter(padded_loader(batches=1, batch_size=4)))
+    inputs = PaddedModel(model).inputs((ids, mask))
+    with torch.no_grad():
+        eager_logits = model(**inputs).logits
+    eager = _monitor_once(model, inputs, tmp_path / "eager")
+    with EmulatedFlash(model):
+        with torch.no_grad():
+            flash_logits = model(**inputs).logits
+        flash = _monitor_once(model, inputs, tmp_path / "flash")
+        assert model.config._attn_implementation == "flash_attention_2"  # unchanged while sampled: the kernel's name
+    real = mask.bool()
+    torch.testing.assert_close(flash_logits[real], eager_logits[real], rtol=1e-4, atol=1e-5)
+    for got, want in zip(flash, eager):
+        assert got["layer_labels"].tolist() == want["layer_labels"].tolist()
+        np.testing.assert_allclose(got["values"], want["values"], rtol=1e-5, atol=1e-6, err_msg=str(want["metric"]))
+
+
+@pytest.mark.parametrize("packing", ["position_ids", "cu_seq_lens"])
+def test_flash_attention_packed_sequences_equal_the_same_documents_padded(tmp_path, packing):
+    """Padding-free packing (batch 1; sequences cut where ``position_ids`` restart, or at ``cu_seq_lens`` as
+    transformers' DataCollatorWithFlattening passes them): each document attends within itself only, so the arrays
+    equal eager attention's on the same documents as a padded batch (the same query rows and keys)."""
+    torch.manual_seed(0)
+    model = FAMILIES["llama"]("eager").eval()
+    lengths = [5, 9, 3]
+    generator = torch.Generator().manual_seed(2)
+    documents = [torch.randint(3, VOCAB, (n,), generator=generator) for n in lengths]
+    padded = torch.zeros(len(documents), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(padded)
+    for row, document in enumerate(documents):
+        padded[row, : len(document)], mask[row, : len(document)] = document, 1
+    with torch.no_grad():
+        eager_logits = model(input_ids=padded, attention_mask=mask).logits
+    eager = _monitor_once(model, dict(input_ids=padded, attention_mask=mask), tmp_path / "eager")
+    packed = dict(input_ids=torch.cat(documents)[None], position_ids=torch.cat([torch.arange(n) for n in lengths])[None])
+    if packing == "cu_seq_lens":
+        cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+        packed.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths), max_length_k=max(lengths))
+    with EmulatedFlash(model):
+        with torch.no_grad():
+            flash_logits = model(**packed).logits
+        flash = _monitor_once(model, packed, tmp_path / "flash")
+    torch.testing.assert_close(flash_logits[0], eager_logits[mask.bool()], rtol=1e-4, atol=1e-5)
+    for got, want in zip(flash, eager):
+        np.testing.assert_allclose(got["values"], want["values"], rtol=1e-5, atol=1e-6, err_msg=str(want["metric"]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or __import__("importlib").util.find_spec("flash_attn") is None,
+                    reason="the real flash_attention_2 needs a CUDA GPU with the flash-attn package")
+@pytest.mark.parametrize("family", ["llama", "gemma2", "bart"])
+def test_real_flash_attention_2_equals_eager_on_a_gpu(tmp_path, family):
+    """The kernel itself (bfloat16, so to bfloat16 precision) against eager attention on the same padded batch."""
+    torch.manual_seed(0)
+    model = FAMILIES[family]("eager").eval().to("cuda", torch.bfloat16)
+    ids, mask = next(iter(padded_loader(batches=1, batch_size=4)))
+    inputs = {name: value.cuda() for name, value in PaddedModel(model).inputs((ids, mask)).items()}
+    eager = _monitor_once(model, inputs, tmp_path / "eager")
+    model.set_attn_implementation("flash_attention_2")
+    flash = _monitor_once(model, inputs, tmp_path / "flash")
+    for got, want in zip(flash, eager):
+        np.testing.assert_allclose(got["values"], want["values"], rtol=2e-2, atol=2e-2, err_msg=str(want["metric"]))
