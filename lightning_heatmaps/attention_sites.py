@@ -296,7 +296,6 @@ def _flash_wrapper(base: str, original: Callable[..., Any]) -> Callable[..., Any
         return original(module, query, key, value, attention_mask, *args, **kwargs)
 
     attention._lightning_heatmaps_flash = True  # type: ignore[attr-defined]
-    attention.original = original  # type: ignore[attr-defined]
     return attention
 
 
