@@ -132,6 +132,17 @@ def _sites(model):
     return rows
 
 
+def _row_probabilities(model, result):
+    """The ``output_attentions`` probabilities in the callback's row order: the encoder's, then per decoder block
+    its self and its cross attention."""
+    if not model.config.is_encoder_decoder:
+        return list(result.attentions)
+    probabilities = [*result.encoder_attentions]
+    for self_, cross in zip(result.decoder_attentions, result.cross_attentions):
+        probabilities += [self_, cross]
+    return probabilities
+
+
 def reference(model, kwargs):
     """Per row and head: the exact max logit and mean row entropy, and the output logits' log Z mean and max |.|."""
     sites = _sites(model)
@@ -154,12 +165,7 @@ def reference(model, kwargs):
         model.set_attn_implementation(implementation)
         for handle in handles:
             handle.remove()
-    if model.config.is_encoder_decoder:
-        probabilities = [*result.encoder_attentions]
-        for self_, cross in zip(result.decoder_attentions, result.cross_attentions):
-            probabilities += [self_, cross]
-    else:
-        probabilities = list(result.attentions)
+    probabilities = _row_probabilities(model, result)
     mask = kwargs["attention_mask"].bool()
     queries_mask = kwargs.get("decoder_attention_mask", mask).bool()
     calls: dict[int, int] = {}
@@ -752,9 +758,6 @@ def test_every_family_entropy_equals_its_own_eager_probabilities(tmp_path, famil
     entropy in the npz equals the mean over non-padding query rows of the entropy of the model's own
     ``output_attentions`` rows (plus the sink's share where the returned row sums to less than one). A wrong
     scale, mask, soft-cap, bias or sink in any family shows here; its heads count and row order too."""
-    from lightning_heatmaps.core import AttentionMonitor
-    from lightning_heatmaps.loop import Monitor
-
     torch.manual_seed(0)
     model = build_family(family)
     try:
@@ -772,12 +775,7 @@ def test_every_family_entropy_equals_its_own_eager_probabilities(tmp_path, famil
         inputs.update(decoder_input_ids=ids, decoder_attention_mask=mask)
     with torch.no_grad():
         result = model(**inputs, output_attentions=True)
-    if model.config.is_encoder_decoder:
-        probabilities = [*result.encoder_attentions]
-        for self_, cross in zip(result.decoder_attentions, result.cross_attentions):
-            probabilities += [self_, cross]
-    else:
-        probabilities = list(result.attentions)
+    probabilities = _row_probabilities(model, result)
     expected = []
     for p in probabilities:
         p = p.double()
@@ -787,13 +785,7 @@ def test_every_family_entropy_equals_its_own_eager_probabilities(tmp_path, famil
         rows = mask.bool()[:, None, :].double()
         expected.append(((entropy * rows).sum(dim=(0, 2)) / rows.sum(dim=(0, 2))).numpy())
     model.set_attn_implementation(implementation)
-    monitor = Monitor(model, [AttentionMonitor(every_n_steps=1, min_render_interval_seconds=0)], log_dir=str(tmp_path))
-    with monitor.step():
-        loss = model(**inputs).logits.float().square().mean()
-        monitor.backward(loss)
-        monitor.before_optimizer_step()
-    monitor.close()
-    npz = np.load(tmp_path / "heatmaps" / "attention_entropy" / "layer_x_head.npz")
+    _, npz = _monitor_once(model, inputs, tmp_path)
     assert npz["values"].shape == (len(expected), max(len(e) for e in expected)), family
     for row, want in enumerate(expected):
         np.testing.assert_allclose(npz["values"][row, : len(want)], want, rtol=2e-4, atol=2e-5,
