@@ -22,7 +22,7 @@ from lightning_heatmaps.distributed import check_strategy, register_fsdp1_shards
 from lightning_heatmaps.sinks import check_distinct_outputs, open_run_outputs
 
 __all__ = [
-    "CollectiveContributor", "HeatmapCallback", "Sample", "SampleListener", "_PendingSample", "_check_int", "lightning_context",
+    "CollectiveContributor", "FitLifecycle", "HeatmapCallback", "Sample", "SampleListener", "_PendingSample", "_check_int", "lightning_context",
     "lightning_loss_scale",
 ]
 
@@ -50,11 +50,30 @@ def lightning_loss_scale(precision_plugin: Any, optimizer: Any) -> torch.Tensor 
     return None
 
 
-class HeatmapCallback(HeatmapMonitor, Callback):
+class FitLifecycle(Callback):
+    """The end of a fit, shared by the Lightning adapters: a core monitor's (heatmap or lens) ``end_training``,
+    ``close`` and ``abort`` at Lightning's ``on_train_end``, ``teardown`` and ``on_exception``."""
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.end_training()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.close()  # before Lightning finalizes its loggers (teardown runs first)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Ctrl+C or an error elsewhere: what was measured is still written before the process goes.
+        self.abort()
+
+
+class HeatmapCallback(HeatmapMonitor, FitLifecycle):
     """Base class of the layer heatmap callbacks; see :class:`~lightning_heatmaps.ActivationHeatmap`.
 
     A Lightning callback is a core monitor (a subclass of :class:`~lightning_heatmaps.core.HeatmapMonitor`)
-    plus the hooks below, each a one-line translation into a monitor event.
+    plus the hooks below and :class:`FitLifecycle`'s, each a one-line translation into a monitor event.
     """
 
     @property
@@ -108,15 +127,3 @@ class HeatmapCallback(HeatmapMonitor, Callback):
     ) -> None:
         self.end_micro_batch(trainer.global_step)
 
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.end_training()
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.close()  # before Lightning finalizes its loggers (teardown runs first)
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.abort()

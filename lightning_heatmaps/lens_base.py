@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_heatmaps.base import lightning_context
+from lightning_heatmaps.base import FitLifecycle, lightning_context
 from lightning_heatmaps.core.lens import (
     LensImage, LensMonitor, LensResult, as_token_lists, check_memory, mean_or_nan, token_strings,
 )
@@ -25,13 +24,13 @@ from lightning_heatmaps.sinks import check_distinct_outputs
 __all__ = ["LensCallback", "LensImage", "LensResult", "as_token_lists", "check_memory", "mean_or_nan", "token_strings"]
 
 
-class LensCallback(LensMonitor, Callback):
+class LensCallback(LensMonitor, FitLifecycle):
     """Base of the lens heatmap callbacks (see :class:`~lightning_heatmaps.LogitLensHeatmap`).
 
     A Lightning callback is a core lens monitor (a subclass of :class:`~lightning_heatmaps.core.LensMonitor`)
-    plus the hooks below, each a one-line translation into a monitor event. Its arguments (``every_n_steps``,
-    ``on_validation_end``, ``capacity``, ``history``, ``first_layer_index``, ``cmap``, ``max_memory_mb``, ``name``) are
-    :class:`~lightning_heatmaps.core.lens.LensMonitor`'s.
+    plus the hooks below and :class:`~lightning_heatmaps.base.FitLifecycle`'s, each a one-line translation into a
+    monitor event. Its arguments (``every_n_steps``, ``on_validation_end``, ``capacity``, ``history``,
+    ``first_layer_index``, ``cmap``, ``max_memory_mb``, ``name``) are :class:`~lightning_heatmaps.core.lens.LensMonitor`'s.
     """
 
     @property
@@ -71,17 +70,3 @@ class LensCallback(LensMonitor, Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":
             self.validation_end(trainer.global_step)
-
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.end_training()
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.close()  # before Lightning finalizes its loggers (teardown runs first)
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # Ctrl+C or an error elsewhere: what was evaluated is still written before the process goes.
-        self.abort()
